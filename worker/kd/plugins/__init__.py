@@ -1,0 +1,1 @@
+"""Integrations with other libraries, kept out of the engine core."""
