@@ -381,3 +381,20 @@ def test_probe_falls_back_to_a_real_forward_when_meta_fails(batch):
         example_input=batch,
     )
     assert dm.kd_losses["body~body"].adapter.weight.shape == (16, 8)
+
+
+def test_sequential_student_runs_only_its_own_layers(batch):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    expected = student(batch)
+    dm = kd.convert(
+        student, teacher=teacher, criterion={("1", "1"): FeatureMSE()}, example_input=batch
+    )
+    torch.testing.assert_close(dm(batch), expected)
+    assert len(dm) == 3
+    assert isinstance(dm[-1], nn.Linear) and dm[-1].out_features == 4
+    assert [type(m) for m in dm[:2]] == [nn.Linear, nn.ReLU]
+    assert dm.compute_kd_loss().item() > 0
+    exported = kd.export(dm)
+    assert type(exported) is nn.Sequential and len(exported) == 3

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from worker.kd.config import KDLossConfig, parse_mode
-from worker.kd.distillation_model import DistillationModel, LayerPair
+from worker.kd.distillation_model import DistillationModel, LayerPair, SequentialStudent
 from worker.kd.loss_balancers import LossBalancer
 from worker.kd.probe import OUTPUT, probe_outputs, resolve_layer
 
@@ -80,7 +80,10 @@ def _check_balancer(balancer: Any, criterion: dict[LayerPair, Callable]) -> None
 
 def _distillation_class(cls: type) -> type:
     if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"Distillation{cls.__name__}", (DistillationModel, cls), {})
+        bases: tuple[type, ...] = (DistillationModel, cls)
+        if issubclass(cls, nn.Sequential):
+            bases = (DistillationModel, SequentialStudent, cls)
+        _CLASS_CACHE[cls] = type(f"Distillation{cls.__name__}", bases, {})
     return _CLASS_CACHE[cls]
 
 

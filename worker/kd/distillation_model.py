@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -352,6 +353,32 @@ class DistillationModel(nn.Module):
             if isinstance(balancer, LossBalancer)
             else None,
         }
+
+
+class SequentialStudent(nn.Module):
+    """Mixed in for `nn.Sequential` students, whose forward runs every entry of `_modules`.
+
+    The KD loss modules live in `_modules` too (so adapters train and move); iteration, `len`
+    and indexing see only the student's own layers.
+    """
+
+    def _student_items(self) -> list[tuple[str, nn.Module]]:
+        prefix = DistillationModel.KD_PREFIX
+        return [
+            (k, m) for k, m in self._modules.items() if m is not None and not k.startswith(prefix)
+        ]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter([m for _, m in self._student_items()])
+
+    def __len__(self) -> int:
+        return len(self._student_items())
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        items = self._student_items()
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(items[idx]))
+        return items[idx][1]
 
 
 class _FunctionLoss(nn.Module):

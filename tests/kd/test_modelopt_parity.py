@@ -1,0 +1,53 @@
+"""Parity with NVIDIA ModelOpt's distillation losses (runs when nvidia-modelopt is installed)."""
+
+import pytest
+import torch
+
+from worker import kd
+from worker.kd.losses import LogitsKL, MFTLoss
+
+mtd = pytest.importorskip("modelopt.torch.distill")
+
+
+@pytest.fixture
+def logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 11, generator=g)
+    teacher = torch.randn(3, 5, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    labels[0, :3] = teacher[0, :3].argmax(-1)  # some positions where the teacher is right
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_logits_kl_equals_modelopt_per_position_mean(logits, temperature):
+    student, teacher, _ = logits
+    theirs = mtd.LogitsDistillationLoss(temperature=temperature, reduction="none")
+    expected = theirs(student, teacher).mean()  # ModelOpt sums the vocab dim for "none"
+    torch.testing.assert_close(LogitsKL(temperature=temperature)(student, teacher), expected)
+
+
+def test_modelopt_default_mean_also_divides_by_vocab(logits):
+    """Why our default differs: ModelOpt's reduction="mean" divides by the vocab size too."""
+    student, teacher, _ = logits
+    theirs = mtd.LogitsDistillationLoss(temperature=2.0)(student, teacher)
+    ours = LogitsKL(temperature=2.0)(student, teacher)
+    torch.testing.assert_close(ours / student.shape[-1], theirs)
+
+
+@pytest.mark.parametrize(("temperature", "threshold"), [(1.0, 0.2), (2.0, 0.35)])
+def test_mft_equals_modelopt(logits, temperature, threshold):
+    student, teacher, labels = logits
+    theirs = mtd.MFTLoss(temperature=temperature, threshold=threshold)
+    expected = theirs(student, teacher, labels.reshape(-1))
+    ours = MFTLoss(temperature=temperature, threshold=threshold)(student, teacher, labels=labels)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_static_balancer_equals_modelopt():
+    loss_dict = {"student_loss": torch.tensor(2.0), "a": torch.tensor(1.0), "b": torch.tensor(3.0)}
+    theirs = mtd.StaticLossBalancer(kd_loss_weight=[0.2, 0.5])(dict(loss_dict))
+    ours = kd.StaticBalancer([0.2, 0.5])(
+        {"student": loss_dict["student_loss"], "a": loss_dict["a"], "b": loss_dict["b"]}
+    )
+    torch.testing.assert_close(ours, theirs)
