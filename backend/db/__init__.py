@@ -1,0 +1,1 @@
+"""Database: typed SQLAlchemy 2 models, engine and sessions. The schema changes only via Alembic."""

@@ -1,0 +1,1 @@
+"""Business logic without HTTP: each function takes a Session and plain values."""

@@ -1,0 +1,74 @@
+"""Bearer tokens: the admin token from settings, and hashed tokens in `api_tokens`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.db.models import ApiToken
+from backend.errors import Forbidden, Unauthorized
+from backend.settings import Settings
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: `admin` may do anything; `run` may only act on `run_id`."""
+
+    scope: str
+    run_id: str | None = None
+
+    def require_admin(self) -> None:
+        if self.scope != "admin":
+            raise Forbidden("this token is scoped to one run; use an admin token for this call")
+
+    def require_run(self, run_id: str) -> None:
+        if self.scope != "admin" and self.run_id != run_id:
+            raise Forbidden(f"this token belongs to run {self.run_id}, not run {run_id}")
+
+
+ADMIN = Principal("admin")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    session: Session, name: str, scope: str = "admin", run_id: str | None = None
+) -> str:
+    """A new random token; only its hash is stored, so the caller must keep the returned value."""
+    token = "kdl_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(token_hash=hash_token(token), name=name, scope=scope, run_id=run_id))
+    return token
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <token>'")
+    return value.strip()
+
+
+def authenticate(session: Session, settings: Settings, header: str | None) -> Principal:
+    token = _bearer(header)
+    if token is None:
+        if settings.open_access:
+            return ADMIN
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    if settings.token is not None and hmac.compare_digest(token, settings.token):
+        return ADMIN
+    row = session.scalar(
+        select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+        )
+    )
+    if row is None:
+        raise Unauthorized("invalid or revoked token")
+    return Principal(row.scope, row.run_id)

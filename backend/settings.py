@@ -1,0 +1,77 @@
+"""Service settings, read from `KDLAB_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KDLAB_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("~/.kdlab"), description="Runs, uploads and SQLite files.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/kdlab.db"
+    )
+    token: str | None = Field(
+        default=None, description="Admin bearer token; required off loopback."
+    )
+    executor: Literal["local", "ray", "none"] = "local"
+    ray_address: str | None = None
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="default sqlite:///<data_dir>/mlflow.db"
+    )
+    mlflow_ui_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, description="Largest JSON request body.")
+    max_upload_bytes: int = Field(default=2 * 1024**3, description="Largest uploaded file.")
+    max_points_per_query: int = Field(default=10_000, description="Cap on max_points per series.")
+    max_metric_batch: int = Field(default=50_000, description="Most points in one metrics POST.")
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'kdlab.db'}"
+
+    @property
+    def resolved_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.data_path / 'mlflow.db'}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_path / "uploads"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_path / "artifacts"
+
+    @property
+    def open_access(self) -> bool:
+        """No token configured and bound to loopback: one local user, no auth."""
+        return self.token is None and is_loopback(self.host)
+
+    def check_bind(self) -> None:
+        """Refuse to serve beyond this machine without a token."""
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"KDLAB_TOKEN is not set but the server would listen on {self.host}; set "
+                "KDLAB_TOKEN=<a long random secret> or bind to 127.0.0.1"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
