@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from backend.db.engine import make_engine
 from backend.db.migrate import upgrade
@@ -107,3 +108,13 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 __all__ = ["Base"]
+
+
+@pytest.fixture
+def db_session(client: TestClient) -> Iterator[Session]:
+    """A session on the same database the client's app uses (for arranging rows)."""
+    session = client.app.state.session_factory()  # type: ignore[attr-defined]
+    try:
+        yield session
+    finally:
+        session.close()
