@@ -3,7 +3,7 @@
     python benchmarks/engine_overhead.py [--device cpu|cuda] [--steps 50] [--repeats 5]
 
 Both loops train the same student against the same teacher with the same loss
-(0.3·CE + 0.7·T²·KL at T=4, plus an intermediate FeatureMSE pair); rounds alternate so drift
+(0.3·CE + 0.7·T²·KL at T=4, plus an intermediate FeatureMSE pair); rounds alternate step by step so drift
 (thermal, other load) hits both equally. Prints one JSON line with the median step times and
 their ratio (engine / hand-written).
 """
@@ -103,21 +103,20 @@ def main() -> None:
     opt_b = torch.optim.AdamW(dm.parameters(), lr=1e-3)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    hand, engine = [], []
-    for step in (
-        lambda: hand_written_step(student_a, teacher, adapter, opt_a, x, y),
-        lambda: engine_step(dm, opt_b, x, y),
-    ):
+    steps = {
+        "hand": lambda: hand_written_step(student_a, teacher, adapter, opt_a, x, y),
+        "engine": lambda: engine_step(dm, opt_b, x, y),
+    }
+    for step in steps.values():
         timed(step, 5, sync)  # warm-up
-    for _ in range(args.repeats):
-        hand.append(
-            timed(
-                lambda: hand_written_step(student_a, teacher, adapter, opt_a, x, y),
-                args.steps,
-                sync,
-            )
-        )
-        engine.append(timed(lambda: engine_step(dm, opt_b, x, y), args.steps, sync))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.repeats):
+        # alternate step by step (and flip the order each repeat) so load drift hits both alike
+        order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
+        for _ in range(args.steps):
+            for name in order:
+                times[name].append(timed(steps[name], 1, sync))
+    hand, engine = times["hand"], times["engine"]
     result = {
         "benchmark": "engine_overhead",
         "device": torch.cuda.get_device_name()
@@ -129,6 +128,7 @@ def main() -> None:
         "hand_ms": round(statistics.median(hand), 3),
         "engine_ms": round(statistics.median(engine), 3),
         "ratio": round(statistics.median(engine) / statistics.median(hand), 3),
+        "steps_timed": len(engine),
     }
     print(json.dumps(result))
 
