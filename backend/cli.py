@@ -3,7 +3,7 @@
     kdlab train CONFIG.yaml [--out DIR] [--resume] [--device DEVICE]
 
 Each subcommand is one `add_<name>(subparsers)` function that registers its parser and sets
-`handler`; `main` dispatches. (`serve`, `db` and `token` plug in the same way.)
+`handler`; `main` dispatches. (`serve`, `db` and `token` live in `backend.commands`.)
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from backend.commands import add_db, add_serve, add_token
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train(subparsers)
+    add_serve(subparsers)
+    add_db(subparsers)
+    add_token(subparsers)
     return parser
 
 
