@@ -1,7 +1,173 @@
-"""/api/runs routes."""
+"""/api/runs routes: thin HTTP wrappers around `backend.services.runs`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
 
-router = APIRouter(tags=["runs"])
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from backend.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from backend.schemas.runs import (
+    CloneRequest,
+    ExternalRunCreated,
+    LogAccepted,
+    LogAppend,
+    LogLines,
+    RunList,
+    RunOut,
+    RunStatus,
+    ValidationReport,
+)
+from backend.services import runs as service
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+RunBody = Annotated[
+    dict[str, Any],
+    Body(
+        description="A RunConfig (its JSON Schema is `run_config_schema` in GET /api/catalog), "
+        'or `{"kind": "external", "name": ..., "experiment": ..., "params": {...}}` to '
+        "register a run trained elsewhere.",
+        examples=[
+            {
+                "name": "digits-teacher",
+                "experiment": "digits-kd",
+                "kind": "train",
+                "dataset": {"name": "digits"},
+                "student": {"name": "mlp", "params": {"hidden": [64]}},
+                "train": {"epochs": 2},
+            }
+        ],
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RunOut | ExternalRunCreated,
+    responses={422: {"description": "The config is invalid; `detail` lists each error."}},
+)
+def create_run(
+    body: RunBody, session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> RunOut | ExternalRunCreated:
+    """Validate the config and queue the run (an external run gets its token, once)."""
+    return service.create_run(session, settings, body)
+
+
+@router.post("/validate", responses={422: {"description": "The errors POST /runs would give."}})
+def validate_run(
+    body: RunBody, session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> ValidationReport:
+    """Every check of POST /runs without creating anything: the resolved config, each pair's
+    shapes and adapter, and a memory estimate per GPU."""
+    return service.validate(session, settings, body)
+
+
+@router.get("")
+def list_runs(
+    session: SessionDep,
+    _: AdminDep,
+    experiment: str | None = None,
+    status: Annotated[list[RunStatus] | None, Query()] = None,
+    kind: str | None = None,
+    q: Annotated[str | None, Query(description="Part of the run name (any case).")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> RunList:
+    """Runs, newest first; `status` may repeat."""
+    return service.list_runs(
+        session,
+        experiment=experiment,
+        status=list(status) if status else None,
+        kind=kind,
+        q=q,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{run_id}")
+def get_run(run_id: str, session: SessionDep, principal: PrincipalDep) -> RunOut:
+    principal.require_run(run_id)
+    return service.run_out(service.get_run(session, run_id))
+
+
+@router.post("/{run_id}/cancel", responses={409: {"description": "The run already finished."}})
+def cancel_run(run_id: str, session: SessionDep, _: AdminDep) -> RunOut:
+    """Cancel a queued run now; ask a starting/running one to stop (`cancel_requested`)."""
+    return service.cancel_run(session, run_id)
+
+
+@router.post(
+    "/{run_id}/clone",
+    status_code=status.HTTP_201_CREATED,
+    responses={409: {"description": "External runs cannot be cloned."}},
+)
+def clone_run(
+    run_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    _: AdminDep,
+    body: CloneRequest | None = None,
+) -> RunOut:
+    """Queue a new run with the same config (validated again), optionally renamed."""
+    return service.clone_run(session, settings, run_id, body.name if body else None)
+
+
+@router.delete(
+    "/{run_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={409: {"description": "The run has not finished."}},
+)
+def delete_run(run_id: str, session: SessionDep, settings: SettingsDep, _: AdminDep) -> Response:
+    """Delete a finished run with its metrics, events, artifacts and artifact files."""
+    service.delete_run(session, settings, run_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{run_id}/logs")
+def read_logs(
+    run_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    tail: Annotated[int, Query(ge=1, le=10_000)] = 200,
+) -> LogLines:
+    """The last `tail` log lines, oldest first."""
+    principal.require_run(run_id)
+    return LogLines(lines=service.read_logs(session, run_id, tail))
+
+
+@router.post("/{run_id}/logs")
+def append_logs(
+    run_id: str, body: LogAppend, session: SessionDep, principal: PrincipalDep
+) -> LogAccepted:
+    """Append log lines (the run's worker, with its run-scoped token)."""
+    principal.require_run(run_id)
+    return LogAccepted(accepted=service.append_logs(session, run_id, body))
+
+
+@router.get(
+    "/{run_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def run_events(
+    run_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    once: bool = False,
+    last_event_id: Annotated[int | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-sent events: `status` (run JSON) on each change, `log` lines, `end` when the run
+    finishes. `?once=1` sends the current state and closes."""
+    principal.require_run(run_id)
+    service.get_run(session, run_id)
+    session.close()  # the stream polls with its own short sessions
+    stream = service.event_stream(
+        request.app.state.session_factory, run_id, once=once, after_id=last_event_id
+    )
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

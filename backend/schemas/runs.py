@@ -1,0 +1,127 @@
+"""Request and response bodies of `/api/runs`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "starting", "running"})
+
+
+class RunOut(BaseModel):
+    """A run as the API shows it (timestamps are UTC, ISO 8601)."""
+
+    id: str
+    name: str
+    experiment: str = Field(description="Name of the experiment the run belongs to.")
+    kind: Literal["distill", "train", "external"]
+    status: RunStatus
+    attempt: int = Field(description="Worker attempts so far (a lost worker's run is retried).")
+    config: dict[str, Any] = Field(
+        description="The resolved RunConfig (defaults filled in); for an external run, "
+        "its name, experiment and free-form params."
+    )
+    error: str | None
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    teacher_run_id: str | None = Field(description="The run whose weights the teacher uses.")
+    cloned_from: str | None
+    mlflow_run_id: str | None
+
+
+class ExternalRunCreated(RunOut):
+    """An external run just registered: carries its run-scoped token, shown only this once."""
+
+    token: str = Field(
+        description="Bearer token scoped to this run (metrics, logs, artifacts); keep it, "
+        "it is not shown again."
+    )
+
+
+class ExternalRunCreate(BaseModel):
+    """Registers a run trained elsewhere; no executor starts it (`POST /api/runs`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["external"]
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Run name: letters, digits, '.', '_' and '-'.",
+    )
+    experiment: str = Field(
+        default="default", min_length=1, max_length=200, description="Experiment it belongs to."
+    )
+    params: dict[str, Any] = Field(default={}, description="Free-form parameters to record.")
+
+
+class RunList(BaseModel):
+    runs: list[RunOut]
+    total: int = Field(description="Runs matching the filters (before limit/offset).")
+
+
+class CloneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of the new run; default: the source run's name.",
+    )
+
+
+class LogLines(BaseModel):
+    lines: list[str] = Field(description="Log lines, oldest first.")
+
+
+class LogAppend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lines: list[str] = Field(max_length=10_000, description="Lines to append, oldest first.")
+    kind: Literal["log", "error"] = Field(default="log", description="error marks error output.")
+
+
+class LogAccepted(BaseModel):
+    accepted: int
+
+
+class PairReport(BaseModel):
+    """One distillation pair as the probe saw it (batch size 2)."""
+
+    student_layer: str
+    teacher_layer: str
+    student_shape: list[int] | None = Field(description="None when the output is not a tensor.")
+    teacher_shape: list[int] | None
+    adapter: str | None = Field(
+        description="Learned projection the loss adds, e.g. 'Linear(16→64)'; None when the "
+        "shapes already match."
+    )
+
+
+class MemoryEstimate(BaseModel):
+    """Bytes per GPU for one training step (see `backend.services.validation.estimate_memory`)."""
+
+    per_gpu_bytes: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    teacher: int
+
+
+class ValidationReport(BaseModel):
+    valid: Literal[True] = True
+    config: dict[str, Any] = Field(description="The resolved config, defaults filled in.")
+    pairs: list[PairReport]
+    memory: MemoryEstimate

@@ -1,0 +1,360 @@
+"""Runs: create (validated or external), list, read, cancel, clone, delete, logs, live events.
+
+Every function takes the request's session and commits what it changes; none holds a database
+transaction open while models are probed (see `backend.services.validation`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.db.models import Experiment, Run, RunEvent, utcnow
+from backend.errors import Conflict, Invalid, NotFound
+from backend.schemas.runs import (
+    FINISHED,
+    ExternalRunCreate,
+    ExternalRunCreated,
+    LogAppend,
+    RunList,
+    RunOut,
+    ValidationReport,
+)
+from backend.services.auth import create_token
+from backend.services.catalog import pydantic_errors
+from backend.services.validation import CheckedConfig, check_config
+from backend.settings import Settings
+
+LOG_KINDS = ("log", "error")
+MAX_LINE_CHARS = 10_000
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored one is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def run_out(run: Run) -> RunOut:
+    """The API view of a run."""
+    return RunOut(
+        id=run.id,
+        name=run.name,
+        experiment=run.experiment.name,
+        kind=run.kind,  # type: ignore[arg-type]
+        status=run.status,  # type: ignore[arg-type]
+        attempt=run.attempt,
+        config=run.config,
+        error=run.error,
+        cancel_requested=run.cancel_requested,
+        created_at=_utc(run.created_at),  # type: ignore[arg-type]
+        updated_at=_utc(run.updated_at),  # type: ignore[arg-type]
+        started_at=_utc(run.started_at),
+        finished_at=_utc(run.finished_at),
+        teacher_run_id=run.teacher_run_id,
+        cloned_from=run.cloned_from,
+        mlflow_run_id=run.mlflow_run_id,
+    )
+
+
+def get_run(session: Session, run_id: str, for_update: bool = False) -> Run:
+    """The run, or 404 naming the id."""
+    # FOR UPDATE OF runs: the joined experiment sits on the nullable side of an outer join
+    lock = {"of": Run} if for_update else None
+    run = session.get(Run, run_id, with_for_update=lock)
+    if run is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return run
+
+
+def _experiment(session: Session, name: str) -> Experiment:
+    """Get or create the experiment `name` (a concurrent creator wins the race harmlessly)."""
+    query = select(Experiment).where(Experiment.name == name)
+    found = session.scalar(query)
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            experiment = Experiment(name=name)
+            session.add(experiment)
+        return experiment
+    except IntegrityError:
+        return session.scalars(query).one()
+
+
+def _event(session: Session, run_id: str, kind: str, message: str) -> None:
+    session.add(RunEvent(run_id=run_id, kind=kind, message=message))
+
+
+# --------------------------------------------------------------------------- create
+
+
+def validate(session: Session, settings: Settings, data: Any) -> ValidationReport:
+    """Dry run of `create_run`: the resolved config, pair shapes and a memory estimate."""
+    session.rollback()  # no transaction (SQLite: the write lock) while models are probed
+    checked = check_config(session, settings, data)
+    session.rollback()
+    return ValidationReport(
+        config=checked.config.model_dump(mode="json"),
+        pairs=checked.pairs,
+        memory=checked.memory,
+    )
+
+
+def _insert(session: Session, checked: CheckedConfig, cloned_from: str | None = None) -> Run:
+    config = checked.config
+    run = Run(
+        experiment_id=_experiment(session, config.experiment).id,
+        name=config.name,
+        kind=config.kind,
+        status="queued",
+        attempt=0,
+        config=config.model_dump(mode="json"),
+        teacher_run_id=checked.teacher_run_id,
+        cloned_from=cloned_from,
+    )
+    session.add(run)
+    session.flush()
+    _event(session, run.id, "status", "queued")
+    return run
+
+
+def create_run(session: Session, settings: Settings, data: Any) -> RunOut:
+    """A validated, queued run (or an external one when `data["kind"] == "external"`)."""
+    if isinstance(data, dict) and data.get("kind") == "external":
+        return create_external(session, data)
+    session.rollback()
+    checked = check_config(session, settings, data)
+    run = _insert(session, checked)
+    session.commit()
+    return run_out(run)
+
+
+def create_external(session: Session, data: dict[str, Any]) -> ExternalRunCreated:
+    """A run trained elsewhere: status running, never dispatched, a run-scoped token once."""
+    try:
+        spec = ExternalRunCreate.model_validate(data)
+    except ValidationError as err:
+        raise Invalid(pydantic_errors(err, ["body"])) from None
+    now = utcnow()
+    run = Run(
+        experiment_id=_experiment(session, spec.experiment).id,
+        name=spec.name,
+        kind="external",
+        status="running",
+        attempt=0,
+        config=spec.model_dump(mode="json"),
+        started_at=now,
+    )
+    session.add(run)
+    session.flush()
+    _event(session, run.id, "status", "running")
+    token = create_token(session, name=f"run {run.id}", scope="run", run_id=run.id)
+    session.commit()
+    return ExternalRunCreated(**run_out(run).model_dump(), token=token)
+
+
+# --------------------------------------------------------------------------- list and read
+
+
+def list_runs(
+    session: Session,
+    *,
+    experiment: str | None = None,
+    status: list[str] | None = None,
+    kind: str | None = None,
+    q: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> RunList:
+    """Runs matching every given filter, newest first, and how many match in all."""
+    query = select(Run)
+    if experiment is not None:
+        query = query.join(Run.experiment).where(Experiment.name == experiment)
+    if status:
+        query = query.where(Run.status.in_(status))
+    if kind is not None:
+        query = query.where(Run.kind == kind)
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Run.name.ilike(f"%{escaped}%", escape="\\"))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit).offset(offset)
+    ).unique()
+    return RunList(runs=[run_out(r) for r in rows], total=total)
+
+
+# --------------------------------------------------------------------------- state changes
+
+
+def cancel_run(session: Session, run_id: str) -> RunOut:
+    """Ask a run to stop. A queued (or external) run is cancelled now; a starting or running one
+    keeps its status, with `cancel_requested` set, until its worker stops."""
+    run = get_run(session, run_id, for_update=True)
+    if run.status in FINISHED:
+        raise Conflict(f"run {run_id} already {run.status}")
+    run.cancel_requested = True
+    if run.status == "queued" or run.kind == "external":
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+        _event(session, run.id, "status", "cancelled")
+    else:
+        _event(session, run.id, "log", "cancel requested; waiting for the worker to stop")
+    session.commit()
+    return run_out(run)
+
+
+def clone_run(session: Session, settings: Settings, run_id: str, name: str | None) -> RunOut:
+    """A new queued run from `run_id`'s stored config (re-validated), optionally renamed."""
+    source = get_run(session, run_id)
+    if source.kind == "external":
+        raise Conflict(f"run {run_id} is an external run; it has no config to run again")
+    data = dict(source.config)
+    if name is not None:
+        data["name"] = name
+    session.rollback()
+    checked = check_config(session, settings, data, prefix=("config",))
+    run = _insert(session, checked, cloned_from=run_id)
+    session.commit()
+    return run_out(run)
+
+
+def delete_run(session: Session, settings: Settings, run_id: str) -> None:
+    """Delete a finished run: its rows (metrics, events, artifacts, tokens cascade) and files."""
+    run = get_run(session, run_id, for_update=True)
+    if run.status not in FINISHED:
+        raise Conflict(
+            f"run {run_id} is {run.status}; only a finished run can be deleted (cancel it first)"
+        )
+    session.execute(delete(Run).where(Run.id == run_id))
+    session.commit()
+    root = settings.artifacts_dir.resolve()
+    folder = (root / run_id).resolve()
+    if folder.is_relative_to(root) and folder != root:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def read_logs(session: Session, run_id: str, tail: int) -> list[str]:
+    """The last `tail` log/error lines of the run, oldest first."""
+    get_run(session, run_id)
+    rows = session.scalars(
+        select(RunEvent.message)
+        .where(RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS))
+        .order_by(RunEvent.id.desc())
+        .limit(tail)
+    ).all()
+    return list(reversed(rows))
+
+
+def append_logs(session: Session, run_id: str, body: LogAppend) -> int:
+    """Store the lines (each cut to MAX_LINE_CHARS) in order; how many were stored."""
+    get_run(session, run_id)
+    for line in body.lines:
+        _event(session, run_id, body.kind, line[:MAX_LINE_CHARS])
+    session.commit()
+    return len(body.lines)
+
+
+# --------------------------------------------------------------------------- server-sent events
+
+
+def _sse(event: str, data: str, event_id: int | None = None) -> str:
+    lines = [f"id: {event_id}"] if event_id is not None else []
+    lines.append(f"event: {event}")
+    lines += [f"data: {part}" for part in data.split("\n")]
+    return "\n".join(lines) + "\n\n"
+
+
+def _status_key(run: RunOut) -> tuple[Any, ...]:
+    return (
+        run.status,
+        run.attempt,
+        run.error,
+        run.cancel_requested,
+        run.started_at,
+        run.finished_at,
+        run.mlflow_run_id,
+    )
+
+
+def event_stream(
+    factory: sessionmaker[Session],
+    run_id: str,
+    *,
+    once: bool = False,
+    after_id: int | None = None,
+    poll_seconds: float = 0.5,
+    initial_tail: int = 200,
+    keepalive_seconds: float = 15.0,
+) -> Iterator[str]:
+    """Server-sent events for one run.
+
+    `event: status` (data: the run JSON) first and whenever the run's state changes;
+    `event: log` (id: the event id, data: the line) for each log/error line, starting with
+    the last `initial_tail` (or everything after `after_id`, a Last-Event-ID); `event: end`
+    once the run is finished, then the stream closes. `once` sends the current state and
+    closes. The database is polled every `poll_seconds` with a short session per poll; no
+    session or transaction is held across the sleeps.
+    """
+    last_key: tuple[Any, ...] | None = None
+    last_sent = time.monotonic()
+    while True:
+        with factory() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                yield _sse("end", json.dumps({"detail": f"run {run_id!r} not found"}))
+                return
+            view = run_out(run)
+            query = select(RunEvent.id, RunEvent.message).where(
+                RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
+            )
+            if after_id is None:
+                rows = list(
+                    reversed(
+                        session.execute(
+                            query.order_by(RunEvent.id.desc()).limit(initial_tail)
+                        ).all()
+                    )
+                )
+            else:
+                rows = list(
+                    session.execute(
+                        query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(1000)
+                    ).all()
+                )
+            session.rollback()
+        chunks = []
+        if _status_key(view) != last_key:
+            last_key = _status_key(view)
+            chunks.append(_sse("status", view.model_dump_json()))
+        for event_id, message in rows:
+            chunks.append(_sse("log", message, event_id))
+        backlog = after_id is not None and len(rows) == 1000  # more lines are waiting
+        after_id = rows[-1][0] if rows else (after_id or 0)
+        finished = view.status in FINISHED and not backlog
+        if finished:
+            chunks.append(_sse("end", json.dumps({"status": view.status})))
+        if chunks:
+            last_sent = time.monotonic()
+            yield "".join(chunks)
+        elif time.monotonic() - last_sent >= keepalive_seconds:
+            last_sent = time.monotonic()
+            yield ": keep-alive\n\n"
+        if finished or once:
+            return
+        if not backlog:
+            time.sleep(poll_seconds)
