@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,8 +277,6 @@ async def put_artifact(
 
 def remove_run_files(settings: Settings, run_id: str) -> None:
     """Delete a run's artifact directory (for run deletion, after its rows are gone)."""
-    import shutil
-
     try:
         directory = storage.inside(settings.artifacts_dir, run_id)
     except ValueError:

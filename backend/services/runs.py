@@ -7,7 +7,6 @@ transaction open while models are probed (see `backend.services.validation`).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from backend.schemas.runs import (
     RunOut,
     ValidationReport,
 )
+from backend.services.artifacts import remove_run_files
 from backend.services.auth import create_token
 from backend.services.catalog import pydantic_errors
 from backend.services.validation import CheckedConfig, check_config
@@ -239,10 +239,7 @@ def delete_run(session: Session, settings: Settings, run_id: str) -> None:
         )
     session.execute(delete(Run).where(Run.id == run_id))
     session.commit()
-    root = settings.artifacts_dir.resolve()
-    folder = (root / run_id).resolve()
-    if folder.is_relative_to(root) and folder != root:
-        shutil.rmtree(folder, ignore_errors=True)
+    remove_run_files(settings, run_id)
 
 
 # --------------------------------------------------------------------------- logs
