@@ -155,3 +155,23 @@ class ApiToken(Base):
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MetricRollup(Base):
+    """Per-series aggregates over aligned blocks of ROLLUP_WIDTH steps, kept by the ingest.
+
+    Compare queries coarser than one block per output bucket read these instead of every point:
+    min/max stay exact because each output bucket is a union of whole blocks.
+    """
+
+    __tablename__ = "metric_rollups"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(250), primary_key=True)
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # step // ROLLUP_WIDTH
+    count: Mapped[int] = mapped_column(Integer)
+    total: Mapped[float] = mapped_column(Float)
+    min_value: Mapped[float] = mapped_column(Float)
+    max_value: Mapped[float] = mapped_column(Float)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    last_time: Mapped[float] = mapped_column(Float)
