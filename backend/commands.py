@@ -1,6 +1,6 @@
 """The server-side `kdlab` subcommands, registered like `backend.cli.add_train`:
 
-    kdlab serve [--host 127.0.0.1] [--port 8000] [--data-dir ~/.kdlab]
+    kdlab serve [--host 127.0.0.1] [--port 8000] [--data-dir ~/.kdlab] [--demo]
     kdlab db upgrade [--revision head] [--data-dir DIR]
     kdlab db current [--data-dir DIR]
     kdlab token create --name NAME [--run RUN_ID] [--data-dir DIR]
@@ -79,11 +79,41 @@ def _serve(args: argparse.Namespace) -> int:
         upgrade(engine)
     finally:
         engine.dispose()
-    app = create_app(settings)
+    demo = bool(getattr(args, "demo", False))
+    if demo:
+        _seed_demo(settings)
+    app = create_app(settings, demo=demo)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"KD Lab on http://{host}:{settings.port}/ (data in {settings.data_path})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port)
     return 0
+
+
+def _seed_demo(settings: Settings) -> None:
+    """`--demo`: queue the demo runs on a data dir without runs (the KD student follows its
+    teacher, queued by the supervisor; see `backend.services.dispatch.queue_demo`)."""
+    from backend.db.engine import make_engine, make_session_factory
+    from backend.services.dispatch import DEMO_EXPERIMENT, DEMO_KD, queue_demo
+
+    if settings.executor != "local":
+        raise ValueError(
+            f"--demo runs its runs with the local executor, but KDLAB_EXECUTOR={settings.executor}"
+        )
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            queued = queue_demo(session, settings)
+    finally:
+        engine.dispose()
+    if queued:
+        names = ", ".join(run.name for run in queued)
+        print(
+            f"demo: queued {names} in experiment {DEMO_EXPERIMENT!r}; {DEMO_KD} follows once "
+            "the teacher has succeeded",
+            flush=True,
+        )
+    else:
+        print("demo: this data directory already has runs; nothing new queued", flush=True)
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -98,6 +128,12 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--port", type=int, default=None, help="port (default: $KDLAB_PORT or 8000)"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="on a data directory without runs, queue a small digits experiment (teacher, "
+        "student alone, KD student from that teacher) to see live curves within minutes",
     )
     _data_dir_option(parser)
     parser.set_defaults(handler=_serve)

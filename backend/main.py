@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
 from backend.db.engine import make_engine, make_session_factory
 from backend.errors import PayloadTooLarge, ServiceError
+from backend.mlflow_mirror import MlflowMirror
 from backend.settings import Settings
 
 API_PREFIX = "/api"
@@ -34,11 +36,35 @@ def _limit_body(app: FastAPI, max_bytes: int) -> None:
         return await call_next(request)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A configured app; the database must already be at the head revision (`kdlab db upgrade`)."""
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the app serves: the MLflow mirror drains the outbox (unless the tracking URI is
+    `none`), and with KDLAB_EXECUTOR=local the supervisor runs (`backend.supervisor`);
+    stopping it leaves running workers alone."""
+    mirror = MlflowMirror(app.state.settings, app.state.session_factory).start()
+    app.state.mirror = mirror
+    supervisor = None
+    if app.state.settings.executor == "local":
+        from backend.supervisor import Supervisor
+
+        supervisor = Supervisor(app.state.settings, app.state.session_factory, demo=app.state.demo)
+        supervisor.start()
+    app.state.supervisor = supervisor
+    try:
+        yield
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        mirror.stop()
+
+
+def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastAPI:
+    """A configured app; the database must already be at the head revision (`kdlab db upgrade`).
+    `demo`: the supervisor queues the demo's KD student once the demo teacher succeeded."""
     settings = settings or Settings()
     engine = make_engine(settings.resolved_database_url)
     app = FastAPI(
+        lifespan=_lifespan,
         title="KD Lab",
         summary="Knowledge-distillation experiments: runs, live metrics, comparisons, students.",
         version="0.1.0",
@@ -46,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=f"{API_PREFIX}/openapi.json",
     )
     app.state.settings = settings
+    app.state.demo = demo
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.add_exception_handler(ServiceError, _service_error)

@@ -33,6 +33,24 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, description="Largest uploaded file.")
     max_points_per_query: int = Field(default=10_000, description="Cap on max_points per series.")
     max_metric_batch: int = Field(default=50_000, description="Most points in one metrics POST.")
+    # local dispatch (the supervisor of `kdlab serve`, KDLAB_EXECUTOR=local)
+    cpu_slots: int = Field(default=1, ge=1, description="CPU-only runs trained at once.")
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="A run with no heartbeat for this long has lost its worker."
+    )
+    sweep_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often the supervisor claims, sweeps and cancels."
+    )
+    cancel_grace_seconds: float = Field(
+        default=20.0, ge=0, description="SIGTERM to SIGKILL delay when a run is cancelled."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Worker attempts per run before a lost worker fails it."
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL workers use to reach the API; default http://127.0.0.1:<port>.",
+    )
 
     @cached_property
     def data_path(self) -> Path:
@@ -45,6 +63,30 @@ class Settings(BaseSettings):
     @property
     def resolved_mlflow_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.data_path / 'mlflow.db'}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        """Where workers reach the API: `public_url`, else this machine's address and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host
+        if host in ("", "0.0.0.0", "localhost"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Captured stdout/stderr of local workers: `<logs_dir>/<run>/<attempt>.log`."""
+        return self.data_path / "logs"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch directories of local workers: `<work_dir>/<run>/`."""
+        return self.data_path / "work"
 
     @property
     def uploads_dir(self) -> Path:

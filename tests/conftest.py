@@ -96,7 +96,13 @@ def migrated_engine(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path, migrated_engine: Engine) -> Settings:
-    return Settings(database_url=database_url, data_dir=tmp_path / "data", executor="none")
+    # no MLflow mirror by default (tests/mirror turns it on against a real store)
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        executor="none",
+        mlflow_tracking_uri="none",
+    )
 
 
 @pytest.fixture

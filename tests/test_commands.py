@@ -161,7 +161,16 @@ def test_serve_starts_a_server_that_answers_health(tmp_path):
     log = tmp_path / "serve.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--data-dir", str(data)],
+            [
+                sys.executable,
+                "-m",
+                "backend.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data),
+            ],
             cwd=ROOT,
             env=env,
             stdout=output,

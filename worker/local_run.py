@@ -119,7 +119,10 @@ def teacher_weights_file(config: RunConfig, out_root: Path) -> Path | None:
 def load_teacher_state(
     config: RunConfig, path: Path, info: catalog.DataInfo
 ) -> dict[str, torch.Tensor]:
-    """Load `path` into a fresh catalog teacher (checks class and keys); its state dict."""
+    """Load `path` into a fresh catalog teacher (checks class and keys); its state dict.
+
+    `path`: a `kd.save` safetensors file, a plain safetensors state dict (an upload), or a
+    run's `latest.pt` (its model entry, loss adapters dropped)."""
     assert config.teacher is not None
     teacher = catalog.build_model(config.teacher, info)
     if path.suffix == ".pt":  # an unfinished run's latest.pt: the model entry, adapters dropped
@@ -127,11 +130,26 @@ def load_teacher_state(
         prefix = kd.DistillationModel.KD_PREFIX
         _load_strict(teacher, {k: v for k, v in state.items() if not k.startswith(prefix)}, path)
         return teacher.state_dict()
+    if not _has_kdlab_metadata(path):  # a plain safetensors state dict (e.g. an upload)
+        from safetensors.torch import load_file
+
+        _load_strict(teacher, load_file(str(path)), path)
+        return teacher.state_dict()
     try:
         kd.restore(teacher, path)
     except TypeError as err:  # another model class
         raise ValueError(f"teacher.weights: {err}") from None
     return teacher.state_dict()
+
+
+def _has_kdlab_metadata(path: Path) -> bool:
+    """Whether a safetensors file carries KD Lab's header metadata (written by `kd.save`)."""
+    from safetensors import safe_open
+
+    from worker.kd.serialization import METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as handle:
+        return METADATA_KEY in (handle.metadata() or {})
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -11,12 +11,14 @@ from backend.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
 from backend.schemas.runs import (
     CloneRequest,
     ExternalRunCreated,
+    HeartbeatOut,
     LogAccepted,
     LogAppend,
     LogLines,
     RunList,
     RunOut,
     RunStatus,
+    StatusReport,
     ValidationReport,
 )
 from backend.services import runs as service
@@ -146,6 +148,37 @@ def append_logs(
     """Append log lines (the run's worker, with its run-scoped token)."""
     principal.require_run(run_id)
     return LogAccepted(accepted=service.append_logs(session, run_id, body))
+
+
+@router.post(
+    "/{run_id}/status",
+    responses={409: {"description": "Not a legal change from the run's current status."}},
+)
+def report_status(
+    run_id: str, body: StatusReport, session: SessionDep, principal: PrincipalDep
+) -> RunOut:
+    """The run's worker reports a state change (its run-scoped token, or admin):
+    queued/starting → running; running → succeeded, failed (with `error`) or cancelled;
+    starting → failed or cancelled. Repeating the current status is a no-op (a retried
+    request); any other change → 409 naming both states."""
+    principal.require_run(run_id)
+    return service.report_status(session, run_id, body)
+
+
+@router.post(
+    "/{run_id}/heartbeat",
+    responses={409: {"description": "The run already finished: the worker should stop."}},
+)
+def heartbeat(
+    run_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    _body: Annotated[dict[str, Any] | None, Body()] = None,
+) -> HeartbeatOut:
+    """The worker is alive (refreshes `heartbeat_at`); answers whether to stop
+    (`cancel_requested`) and the run's status. The body is ignored (`{}`)."""
+    principal.require_run(run_id)
+    return service.heartbeat(session, run_id)
 
 
 @router.get(

@@ -125,3 +125,35 @@ class ValidationReport(BaseModel):
     config: dict[str, Any] = Field(description="The resolved config, defaults filled in.")
     pairs: list[PairReport]
     memory: MemoryEstimate
+
+
+# --------------------------------------------------------------------------- worker routes
+
+WorkerStatus = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class StatusReport(BaseModel):
+    """`POST /api/runs/{id}/status`: a state change the run's worker owns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: WorkerStatus = Field(
+        description="running (training started), or the outcome: succeeded, failed, cancelled."
+    )
+    error: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="Why the run failed: the message and the last traceback lines.",
+    )
+    teacher_fingerprint: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 fingerprint of the teacher weights the worker loaded (kd.fingerprint).",
+    )
+
+
+class HeartbeatOut(BaseModel):
+    """`POST /api/runs/{id}/heartbeat`: what the worker should know about its run."""
+
+    cancel_requested: bool = Field(description="True: checkpoint, stop and report cancelled.")
+    status: RunStatus

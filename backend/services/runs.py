@@ -23,9 +23,11 @@ from backend.schemas.runs import (
     FINISHED,
     ExternalRunCreate,
     ExternalRunCreated,
+    HeartbeatOut,
     LogAppend,
     RunList,
     RunOut,
+    StatusReport,
     ValidationReport,
 )
 from backend.services.artifacts import remove_run_files
@@ -240,6 +242,87 @@ def delete_run(session: Session, settings: Settings, run_id: str) -> None:
     session.execute(delete(Run).where(Run.id == run_id))
     session.commit()
     remove_run_files(settings, run_id)
+
+
+# --------------------------------------------------------------------------- worker state
+
+# Every legal status change, old → allowed new statuses. Worker-owned: → running, running → an
+# outcome. Supervisor-owned: queued → starting (claim), starting/running → queued (requeue after
+# a lost worker), starting/running → failed/cancelled (out of attempts, killed after the grace
+# period). queued → cancelled is `cancel_run`. Finished statuses are final.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"starting", "running", "cancelled"}),
+    "starting": frozenset({"queued", "running", "failed", "cancelled"}),
+    "running": frozenset({"queued", "succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+def set_status(session: Session, run: Run, new_status: str, error: str | None = None) -> Run:
+    """Move `run` to `new_status`: THE one place a run's status changes after it is queued
+    (worker reports and the supervisor alike). Stable signature; callers rely on it.
+
+    - Checks `TRANSITIONS` (an external run starts `running`, so it only ever ends):
+      an illegal change raises `Conflict` (409) naming both states; nothing is changed.
+    - `running`: sets `started_at` on the first start (a resumed attempt keeps it);
+      `queued` (requeue): clears `heartbeat_at`; a finished status sets `finished_at`.
+    - `error`: stored when given; `succeeded` clears any earlier attempt's error.
+    - Adds a `RunEvent(kind="status", message=new_status)` (the SSE stream shows it).
+    - Does NOT commit: the caller commits (so it can bundle its own changes, e.g. the attempt
+      counter, into the same transaction). Lock the row first where races matter
+      (`get_run(session, run_id, for_update=True)`).
+    """
+    old = run.status
+    if new_status not in TRANSITIONS:
+        raise Invalid.at(["body", "status"], f"unknown status {new_status!r}")
+    if new_status not in TRANSITIONS.get(old, frozenset()):
+        raise Conflict(f"run {run.id} cannot go from {old} to {new_status}")
+    now = utcnow()
+    run.status = new_status
+    if new_status == "running" and run.started_at is None:
+        run.started_at = now
+    if new_status == "queued":
+        run.heartbeat_at = None
+    if new_status in FINISHED:
+        run.finished_at = now
+    if new_status == "succeeded":
+        run.error = None
+    if error is not None:
+        run.error = error
+    _event(session, run.id, "status", new_status)
+    session.flush()
+    return run
+
+
+def report_status(session: Session, run_id: str, body: StatusReport) -> RunOut:
+    """A worker's `POST /status`. Repeating the run's current status changes nothing and is
+    not an error (a retried request whose first try got through); anything else goes through
+    `set_status`. The teacher fingerprint is recorded whenever given."""
+    run = get_run(session, run_id, for_update=True)
+    if run.status != body.status:
+        set_status(session, run, body.status, body.error)
+    elif body.error is not None and run.error is None:
+        run.error = body.error
+    if body.teacher_fingerprint is not None:
+        run.teacher_fingerprint = body.teacher_fingerprint
+    if body.status == "running":
+        run.heartbeat_at = utcnow()
+    session.commit()
+    return run_out(run)
+
+
+def heartbeat(session: Session, run_id: str) -> HeartbeatOut:
+    """Refresh the run's `heartbeat_at` (its worker is alive); 409 once the run is finished
+    (the worker should stop). Answers whether a cancel was requested."""
+    run = get_run(session, run_id, for_update=True)
+    if run.status in FINISHED:
+        raise Conflict(f"run {run_id} already {run.status}; stop working on it")
+    run.heartbeat_at = utcnow()
+    answer = HeartbeatOut(cancel_requested=run.cancel_requested, status=run.status)  # type: ignore[arg-type]
+    session.commit()
+    return answer
 
 
 # --------------------------------------------------------------------------- logs
