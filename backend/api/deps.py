@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from backend.db.engine import session_scope
 from backend.services.auth import Principal, authenticate
 from backend.settings import Settings
 
@@ -17,14 +18,7 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session = request.app.state.session_factory()
-    try:
-        yield session
-    except Exception:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    yield from session_scope(request.app.state.session_factory)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 ArtifactKind = Literal["student", "checkpoint", "log", "file"]
 StudentFormat = Literal["safetensors", "pt"]
@@ -22,9 +22,3 @@ class ArtifactOut(BaseModel):
     size: int = Field(description="Bytes.")
     created_at: datetime = Field(description="When this version of the file was stored.")
     download_url: str = Field(description="GET this path (under the same host) for the bytes.")
-
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        # SQLite hands back naive datetimes; every stored time is UTC
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

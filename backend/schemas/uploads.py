@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 UploadFormat = Literal["safetensors", "pt"]
 
@@ -24,9 +24,3 @@ class UploadOut(BaseModel):
     size: int = Field(description="Bytes of the stored safetensors file.")
     tensor_count: int
     created_at: datetime
-
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        # SQLite hands back naive datetimes; every stored time is UTC
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

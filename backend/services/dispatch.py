@@ -8,6 +8,7 @@ Each function is one short transaction on a session the caller opens and closes 
   counter goes up and it gets a fresh run-scoped token. Atomic: on SQLite every transaction is
   `BEGIN IMMEDIATE` (one writer at a time); on PostgreSQL the queued rows are read
   `FOR UPDATE SKIP LOCKED`, so two supervisors never claim the same run.
+- `restart_lease`: a run whose process waits for resources (a pending Ray job) is not silent.
 - `requeue_or_fail`, `fail_run`, `mark_cancelled`: the supervisor's verdicts on a run whose worker
   ended or went silent. Each locks the row and acts only if the run is still `starting`/`running`
   in the attempt the caller saw, so a worker's own report (or another supervisor) that got there
@@ -21,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -36,12 +37,6 @@ from backend.settings import Settings
 
 DISPATCHED = ("starting", "running")
 MAX_EVENT_CHARS = 10_000
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 def requested_gpus(config: dict[str, Any]) -> int:
@@ -194,9 +189,21 @@ def dispatched_runs(session: Session, executor: str = "local") -> list[Dispatche
     session.rollback()
     found = []
     for run_id, status, attempt, max_attempts, eid, cancel, heartbeat, updated in rows:
-        seen = _utc(heartbeat) or _utc(updated) or utcnow()
+        seen = heartbeat or updated or utcnow()
         found.append(Dispatched(run_id, status, attempt, max_attempts, eid, bool(cancel), seen))
     return found
+
+
+def restart_lease(session: Session, run_id: str, attempt: int) -> bool:
+    """The run's process is waiting for resources (a Ray job in Ray's queue): its lease counts
+    from now. Only a run still dispatched in `attempt` and not yet heard from; False otherwise."""
+    run = _current(session, run_id, attempt)
+    if run is None or run.heartbeat_at is not None:
+        session.rollback()
+        return False
+    run.updated_at = utcnow()
+    session.commit()
+    return True
 
 
 def run_state(session: Session, run_id: str) -> tuple[str, int] | None:
@@ -221,7 +228,7 @@ def _current(
     if run.status not in DISPATCHED or run.attempt != attempt:
         return None
     if silent_since is not None:
-        seen = _utc(run.heartbeat_at) or _utc(run.updated_at)
+        seen = run.heartbeat_at or run.updated_at
         if seen is not None and seen > silent_since:
             return None
     return run

@@ -37,7 +37,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, event, insert, select
@@ -81,8 +81,6 @@ _T2_NEVER = {"generalized_jsd"}
 def _epoch_ms(value: datetime | None) -> int | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite hands back naive datetimes; every stored one is UTC
-        value = value.replace(tzinfo=timezone.utc)
     return int(value.timestamp() * 1000)
 
 

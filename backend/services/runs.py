@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,13 +39,6 @@ LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored one is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
 def run_out(run: Run) -> RunOut:
     """The API view of a run."""
     return RunOut(
@@ -59,10 +51,10 @@ def run_out(run: Run) -> RunOut:
         config=run.config,
         error=run.error,
         cancel_requested=run.cancel_requested,
-        created_at=_utc(run.created_at),  # type: ignore[arg-type]
-        updated_at=_utc(run.updated_at),  # type: ignore[arg-type]
-        started_at=_utc(run.started_at),
-        finished_at=_utc(run.finished_at),
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
         teacher_run_id=run.teacher_run_id,
         cloned_from=run.cloned_from,
         mlflow_run_id=run.mlflow_run_id,
