@@ -39,15 +39,17 @@ def _limit_body(app: FastAPI, max_bytes: int) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """While the app serves: the MLflow mirror drains the outbox (unless the tracking URI is
-    `none`), and with KDLAB_EXECUTOR=local the supervisor runs (`backend.supervisor`);
+    `none`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`backend.supervisor`;
+    made first, so a Ray executor without KDLAB_RAY_ADDRESS stops the start-up at once);
     stopping it leaves running workers alone."""
-    mirror = MlflowMirror(app.state.settings, app.state.session_factory).start()
-    app.state.mirror = mirror
     supervisor = None
-    if app.state.settings.executor == "local":
+    if app.state.settings.executor in ("local", "ray"):
         from backend.supervisor import Supervisor
 
         supervisor = Supervisor(app.state.settings, app.state.session_factory, demo=app.state.demo)
+    mirror = MlflowMirror(app.state.settings, app.state.session_factory).start()
+    app.state.mirror = mirror
+    if supervisor is not None:
         supervisor.start()
     app.state.supervisor = supervisor
     try:

@@ -1,5 +1,7 @@
-"""The local supervisor of `kdlab serve` (KDLAB_EXECUTOR=local): a background thread that turns
-queued runs into worker processes and keeps the database true to what those processes do.
+"""The supervisor of `kdlab serve` (KDLAB_EXECUTOR=local or ray): a background thread that turns
+queued runs into workers and keeps the database true to what those workers do. It drives its
+executor through `backend.executors.base.Executor` alone: `LocalExecutor` (process groups on this
+machine) or `RayExecutor` (one Ray job per attempt), picked by `make_executor` from the settings.
 
 Every `sweep_interval_seconds` one `tick`:
 1. **Sweep** each `starting`/`running` run this executor started:
@@ -13,37 +15,52 @@ Every `sweep_interval_seconds` one `tick`:
      - any exit code (non-zero: a crash before the worker could report; 0: a worker bug) →
        `failed`, the error being the exit and the last 20 lines of its output;
    - its process is alive but silent for `lease_seconds` (no heartbeat; a hung worker) → killed
-     (SIGKILL to its group) and handled as lost;
-   - a run started by another server (another machine or data dir) is judged by its lease only.
-   When a process ends abnormally, the tail of its output (`<data>/logs/<run>/<attempt>.log`)
-   is appended to the run's log events, so `GET /api/runs/{id}/logs` shows a crash.
+     (SIGKILL to its group; `stop_job` for a Ray job) and handled as lost;
+   - its process is *pending* (a Ray job waiting in Ray's queue for a node with its GPUs): no
+     heartbeat is expected, so the lease is held (the run's lease start is moved forward in the
+     database too, so a restarted server agrees); it starts when the job runs;
+   - a run started by another server (another machine or data dir), or whose process the
+     executor does not know (a Ray job gone with its cluster), is judged by its lease only.
+   When a process ends abnormally, the tail of its output (`<data>/logs/<run>/<attempt>.log`, or
+   the Ray job's logs) is appended to the run's log events, so `GET /api/runs/{id}/logs` shows a
+   crash.
 2. **Cancel**: a run with `cancel_requested` and a live process gets SIGTERM to its group (the
    worker saves `latest`, uploads it and reports `cancelled`), SIGKILL after
-   `cancel_grace_seconds`; a worker gone without reporting is marked `cancelled` by step 1.
-3. **Claim** queued runs while a slot is free (see `backend.services.dispatch.claim_next`) and
-   start `python -m worker.run --run-id … --api <public_url> --token <run token> --work-dir …`.
+   `cancel_grace_seconds` (a Ray job: `stop_job`, the same two steps done by Ray); a worker gone
+   without reporting is marked `cancelled` by step 1. A pending Ray job has run nothing: its run
+   is `cancelled` at once.
+3. **Claim** queued runs while a slot is free (see `backend.services.dispatch.claim_next`; a Ray
+   cluster queues every run itself) and start `python -m worker.run --run-id … --api
+   <public_url> [--work-dir …]`, the run token in the environment (`KDLAB_RUN_TOKEN`). A worker
+   on this machine gets its scratch dir under the server's data dir (`--work-dir`,
+   `KDLAB_DATA_DIR`); a Ray job uses its node's own.
 4. **Demo** (`kdlab serve --demo`): queue the KD student once the demo teacher succeeded.
 
 Stopping the supervisor (the server shuts down) leaves the workers running: they keep training,
-spool what they cannot send, and a server restarted on the same data dir adopts them. Cancel a run
-to stop its worker. A process still alive `lease_seconds` after its run finished, or alive while
-its run was handed to another attempt, is stopped.
+spool what they cannot send, and a server restarted on the same data dir (or on the same
+database and Ray cluster) adopts them. Cancel a run to stop its worker. A process still alive
+`lease_seconds` after its run finished, or alive while its run was handed to another attempt, is
+stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.executors.base import Launch, ProcessStatus
-from backend.executors.local import ExecutorId, LocalExecutor, describe_exit, killed
+from backend.db.models import utcnow
+from backend.executors.base import Executor, Launch, ProcessStatus, killed
+from backend.executors.local import LocalExecutor
 from backend.schemas.runs import FINISHED
 from backend.services import dispatch
 from backend.services.dispatch import Claim, Dispatched
@@ -54,33 +71,58 @@ log = logging.getLogger("kdlab.supervisor")
 ERROR_TAIL_LINES = 20  # lines of output in the error of a crashed run
 EVENT_TAIL_LINES = 50  # lines of output appended to the run's log when its process ends badly
 
-CommandFactory = Callable[[Claim, str, Path], list[str]]
+# (claim, API URL, work dir on this machine or None where the worker picks its own) → command
+CommandFactory = Callable[[Claim, str, Path | None], list[str]]
 
 
-def worker_command(claim: Claim, api_url: str, work_dir: Path) -> list[str]:
-    """`python -m worker.run …` with this interpreter (the server's environment). The run token
-    travels in the environment (`KDLAB_RUN_TOKEN`), not on the process list."""
-    return [
-        sys.executable,
-        "-m",
-        "worker.run",
-        "--run-id",
-        claim.run_id,
-        "--api",
-        api_url,
-        "--work-dir",
-        str(work_dir),
-    ]
+def worker_command(claim: Claim, api_url: str, work_dir: Path | None) -> list[str]:
+    """`python -m worker.run …` with this interpreter (the server's environment; Ray nodes run
+    the same image, so the same path). The run token travels in the environment
+    (`KDLAB_RUN_TOKEN`), not on the process list."""
+    command = [sys.executable, "-m", "worker.run", "--run-id", claim.run_id, "--api", api_url]
+    if work_dir is not None:
+        command += ["--work-dir", str(work_dir)]
+    return command
+
+
+def server_identity(settings: Settings) -> str:
+    """A stable name for the database this server keeps its runs in (its URL without the
+    password, hashed): the owner of the Ray jobs it submits."""
+    url = make_url(settings.resolved_database_url).set(password=None)
+    digest = hashlib.sha256(url.render_as_string(hide_password=False).encode()).hexdigest()
+    return f"db-{digest[:16]}"
+
+
+def make_executor(settings: Settings) -> Executor:
+    """The executor `settings.executor` names: `local` → LocalExecutor over the data dir's logs
+    and `cpu_slots`; `ray` → RayExecutor on `ray_address` (KDLAB_RAY_ADDRESS), stopping jobs
+    with `cancel_grace_seconds`. ValueError for `none` or a Ray executor without an address."""
+    if settings.executor == "local":
+        return LocalExecutor(settings.logs_dir, cpu_slots=settings.cpu_slots)
+    if settings.executor == "ray":
+        if not settings.ray_address:
+            raise ValueError(
+                "KDLAB_EXECUTOR=ray needs the Ray cluster's Jobs API address: set "
+                "KDLAB_RAY_ADDRESS (e.g. http://ray-head:8265, the Ray dashboard's port)"
+            )
+        from backend.executors.ray import RayExecutor
+
+        return RayExecutor(
+            settings.ray_address,
+            stop_grace_seconds=settings.cancel_grace_seconds,
+            owner=server_identity(settings),
+        )
+    raise ValueError(f"KDLAB_EXECUTOR={settings.executor} dispatches nothing: no supervisor")
 
 
 class Supervisor:
-    """Claims, starts, watches and stops local workers; see the module docstring."""
+    """Claims, starts, watches and stops workers; see the module docstring."""
 
     def __init__(
         self,
         settings: Settings,
         session_factory: sessionmaker[Session],
-        executor: LocalExecutor | None = None,
+        executor: Executor | None = None,
         *,
         api_url: str | None = None,
         command: CommandFactory = worker_command,
@@ -89,7 +131,7 @@ class Supervisor:
     ):
         self.settings = settings
         self.sessions = session_factory
-        self.executor = executor or LocalExecutor(settings.logs_dir, cpu_slots=settings.cpu_slots)
+        self.executor = executor or make_executor(settings)
         self.api_url = (api_url or settings.resolved_public_url).rstrip("/")
         self.command = command
         self.worker_env = dict(worker_env or {})
@@ -97,6 +139,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lingering: dict[str, float] = {}  # executor id → when its run was seen finished
+        self._pending: dict[str, datetime] = {}  # executor id → when it was last seen pending
 
     # --------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -105,16 +148,11 @@ class Supervisor:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kdlab-supervisor", daemon=True)
         self._thread.start()
-        cpu, gpus = self.executor.free_slots()
-        log.info(
-            "supervisor started: %d CPU slot(s), %d GPU(s); workers call %s",
-            cpu,
-            gpus,
-            self.api_url,
-        )
+        log.info("supervisor started (%s); workers call %s", self.executor.summary(), self.api_url)
 
     def stop(self, timeout: float = 30.0, *, kill_workers: bool = False) -> None:
-        """Stop the loop. Workers keep running unless `kill_workers` (SIGKILL to each group)."""
+        """Stop the loop. Workers keep running unless `kill_workers` (SIGKILL to each group, or
+        `stop_job` for each Ray job)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -125,10 +163,10 @@ class Supervisor:
             alive = self.executor.tracked()
             if alive:
                 log.warning(
-                    "%d worker(s) keep running (pids %s); a server restarted on this data "
-                    "directory adopts them",
+                    "%d worker(s) keep running (%s); a server restarted on this data directory "
+                    "or database adopts them",
                     len(alive),
-                    ", ".join(str(ExecutorId.parse(e).pid) for e in alive),
+                    ", ".join(alive),
                 )
 
     def _loop(self) -> None:
@@ -150,7 +188,7 @@ class Supervisor:
     def sweep(self) -> None:
         self.executor.poll()
         with self.sessions() as session:
-            runs = dispatch.dispatched_runs(session)
+            runs = dispatch.dispatched_runs(session, self.executor.name)
         active = {r.executor_id: r for r in runs if r.executor_id}
         for run in runs:
             try:
@@ -160,31 +198,71 @@ class Supervisor:
         for eid in self.executor.known():
             if eid not in active:
                 self._leftover(eid)
+        for eid in [e for e in self._pending if e not in active]:
+            del self._pending[eid]
+
+    def _silent_for(self, run: Dispatched) -> float:
+        """Seconds since the run was last heard from, or since its process last waited in the
+        executor's queue (its lease starts when it runs)."""
+        seen = run.last_seen
+        pending = self._pending.get(run.executor_id or "")
+        if pending is not None and pending > seen:
+            seen = pending
+        return (utcnow() - seen).total_seconds()
 
     def _watch(self, run: Dispatched) -> None:
         lease = self.settings.lease_seconds
         eid = run.executor_id
-        silent = run.silent_for() > lease
         if not self.executor.owns(eid):
             # started elsewhere, or claimed but not yet recorded: the lease decides
-            if silent:
+            if run.silent_for() > lease:
                 self._lost(run, f"no heartbeat for {run.silent_for():.0f} s (lease {lease:g} s)")
             return
         assert eid is not None
         if eid not in self.executor.known():
-            self.executor.adopt(eid)  # started by an earlier server on this data dir
+            self.executor.adopt(eid)  # started by an earlier server on this data dir / database
         status = self.executor.status(eid)
         if status.state == "exited":
+            self._pending.pop(eid, None)
             self._ended(run, eid, status)
-        elif status.state == "running":
+            return
+        if status.alive and run.cancel_requested:
+            self.executor.cancel(eid, self.settings.cancel_grace_seconds)
+        if status.state == "pending":
             if run.cancel_requested:
-                self.executor.cancel(eid, self.settings.cancel_grace_seconds)
-            if silent:
-                reason = (
-                    f"worker hung: no heartbeat for {run.silent_for():.0f} s (lease {lease:g} s)"
-                )
-                if self._lost(run, reason):
-                    self.executor.cancel(eid, 0)  # SIGKILL the group; reaped next sweep
+                self._cancelled_before_start(run, eid)
+            else:
+                self._hold_lease(run, eid)
+            return
+        silent_for = self._silent_for(run)
+        if silent_for <= lease:
+            return
+        if status.state == "running":
+            reason = f"worker hung: no heartbeat for {silent_for:.0f} s (lease {lease:g} s)"
+            if self._lost(run, reason):
+                self.executor.cancel(eid, 0)  # SIGKILL the group; reaped next sweep
+        elif status.state == "unknown":  # the executor lost track of it (a Ray cluster restart)
+            self._lost(
+                run, f"{status.detail or 'worker unknown'}; no heartbeat for {silent_for:.0f} s"
+            )
+
+    def _cancelled_before_start(self, run: Dispatched, eid: str) -> None:
+        """A cancel for a run whose process still waits for resources: nothing ran, nothing to
+        checkpoint, so the run is `cancelled` now. Ray cannot stop a job before it starts (the
+        stop takes effect if it ever does; a worker that starts then finds its run finished and
+        exits); until then the job is watched as a leftover of a finished run."""
+        with self.sessions() as session:
+            note = f"cancelled before its worker started ({self.executor.name} job {eid} waiting)"
+            if dispatch.mark_cancelled(session, run.run_id, run.attempt, note):
+                log.info("run %s attempt %d: %s", run.run_id, run.attempt, note)
+
+    def _hold_lease(self, run: Dispatched, eid: str) -> None:
+        """The run's process waits for resources: its lease does not run. Noted here, and in
+        the database once half a lease has gone by (so a restarted server agrees)."""
+        self._pending[eid] = utcnow()
+        if run.silent_for() > self.settings.lease_seconds / 2:
+            with self.sessions() as session:
+                dispatch.restart_lease(session, run.run_id, run.attempt)
 
     def _lost(self, run: Dispatched, reason: str) -> bool:
         """A run whose worker is silent past the lease: requeued (or failed, or cancelled when a
@@ -207,7 +285,7 @@ class Supervisor:
         outcome before it exits, so whatever the database says now is final; only a run still
         dispatched to this attempt gets a verdict (checked again under a row lock)."""
         code = status.exit_code
-        how = describe_exit(code)
+        how = self.executor.describe(status)
         tail = self.executor.logs(eid, EVENT_TAIL_LINES)
         with self.sessions() as session:
             if run.cancel_requested:
@@ -227,9 +305,10 @@ class Supervisor:
                 )
                 changed = dispatch.fail_run(session, run.run_id, run.attempt, error)
             if changed and tail:  # its output may not all have reached the log: add the tail
+                source = self.executor.log_path(eid) or f"{self.executor.name} job {eid}"
                 header = (
                     f"--- worker output, attempt {run.attempt} ({how}), last {len(tail)} "
-                    f"lines of {self.executor.log_path(eid)} ---"
+                    f"lines of {source} ---"
                 )
                 dispatch.add_events(session, run.run_id, "log", [header, *tail])
                 session.commit()
@@ -240,8 +319,8 @@ class Supervisor:
     def _leftover(self, eid: str) -> None:
         """A process whose run is no longer dispatched to it (finished, requeued, deleted)."""
         status = self.executor.status(eid)
-        run_id, attempt = _run_of(eid)
-        if status.state == "exited":
+        run_id, attempt = self.executor.run_of(eid)
+        if not status.alive:  # exited, or gone from the executor altogether
             self._finish_process(eid, run_id)
             return
         with self.sessions() as session:
@@ -262,7 +341,10 @@ class Supervisor:
     def _finish_process(self, eid: str, run_id: str) -> None:
         """Forget an exited process; remove the run's scratch directory once it is finished."""
         self._lingering.pop(eid, None)
+        self._pending.pop(eid, None)
         self.executor.forget(eid)
+        if not self.executor.shared_work_dir:
+            return  # the worker's scratch dir is on its own machine
         with self.sessions() as session:
             state = dispatch.run_state(session, run_id)
         if state is not None and state[0] in FINISHED:
@@ -284,15 +366,16 @@ class Supervisor:
             self._launch(claim)
 
     def _launch(self, claim: Claim) -> None:
-        work_dir = self.settings.work_dir / claim.run_id
         try:
-            work_dir.mkdir(parents=True, exist_ok=True)
+            env: dict[str, str] = {}
+            work_dir: Path | None = None
+            if self.executor.shared_work_dir:  # the worker runs here: the server's data dir
+                work_dir = self.settings.work_dir / claim.run_id
+                work_dir.mkdir(parents=True, exist_ok=True)
+                env["KDLAB_DATA_DIR"] = str(self.settings.data_path)  # the worker's data root
             command = self.command(claim, self.api_url, work_dir)
-            env = {
-                "KDLAB_DATA_DIR": str(self.settings.data_path),  # the worker's data root
-                **self.worker_env,
-                "KDLAB_RUN_TOKEN": claim.token,
-            }
+            env.update(self.worker_env)
+            env["KDLAB_RUN_TOKEN"] = claim.token
             launch = Launch(claim.run_id, claim.attempt, command, env, claim.gpus)
             eid = self.executor.submit(launch)
         except Exception as err:
@@ -321,10 +404,3 @@ class Supervisor:
         self.demo_pending = pending
         if queued is not None:
             log.info("demo: queued %s (run %s) from the finished teacher", queued.name, queued.id)
-
-
-def _run_of(executor_id: str) -> tuple[str, int]:
-    """(run id, attempt) from a local executor id's log path `<run>/<attempt>.log`."""
-    log_name = ExecutorId.parse(executor_id).log
-    run_id, _, attempt = log_name.partition("/")
-    return run_id, int(attempt.removesuffix(".log"))

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import backend
-from backend.executors.base import Executor, Launch, ProcessStatus
+from backend.executors.base import Executor, Launch, ProcessStatus, describe_exit, killed
+
+__all__ = ["ExecutorId", "LocalExecutor", "NoSlot", "describe_exit", "killed"]
 
 PROJECT_ROOT = Path(backend.__file__).resolve().parent.parent
 # never handed to a worker: it talks to the API with its own run-scoped token
@@ -200,6 +202,10 @@ class LocalExecutor(Executor):
         with self._lock:
             return len(self._free_gpus) >= gpus if gpus > 0 else self._free_cpu > 0
 
+    def summary(self) -> str:
+        cpu, gpus = self.free_slots()
+        return f"local processes: {cpu} CPU slot(s), {gpus} GPU(s) free"
+
     def free_slots(self) -> tuple[int, int]:
         """(free CPU slots, free GPUs)."""
         self.poll()
@@ -283,6 +289,15 @@ class LocalExecutor(Executor):
             return ExecutorId.parse(executor_id).owner == self.owner
         except ValueError:
             return False
+
+    def run_of(self, executor_id: str) -> tuple[str, int]:
+        """(run id, attempt) from the id's log path `<run>/<attempt>.log`."""
+        log = ExecutorId.parse(executor_id).log
+        run_id, _, attempt = log.partition("/")
+        attempt = attempt.removesuffix(".log")
+        if not run_id or not attempt.isdigit():
+            raise ValueError(f"not a local executor id: {executor_id!r}")
+        return run_id, int(attempt)
 
     def tracked(self) -> list[str]:
         """Executor ids of the processes this executor holds a slot for."""
@@ -429,25 +444,3 @@ class LocalExecutor(Executor):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
         self.poll()
-
-
-def killed(code: int | None) -> bool:
-    """Whether an exit code means the process was stopped from outside: a signal (negative), or
-    128 + a signal number (a shell's convention, and the worker's exit 143 when SIGTERM stopped
-    it before any outcome)."""
-    return code is not None and (code < 0 or 128 < code < 128 + 65)
-
-
-def describe_exit(code: int | None) -> str:
-    """E.g. "exit code 3", "killed by SIGKILL", "exit code 143 (SIGTERM)", "exit code unknown"."""
-    if code is None:
-        return "exit code unknown"
-    if 128 < code < 128 + 65:
-        with contextlib.suppress(ValueError):
-            return f"exit code {code} ({signal.Signals(code - 128).name})"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"

@@ -62,6 +62,9 @@ def test_submit_runs_in_its_own_group_with_slot_env_and_captured_output(
     )
     parsed = ExecutorId.parse(eid)
     assert (parsed.owner, parsed.gpus, parsed.log) == ("test", (), "run1/1.log")
+    assert executor.run_of(eid) == ("run1", 1) and executor.owns(eid)
+    assert executor.log_path(eid) == executor.logs_dir / "run1" / "1.log"
+    assert not executor.owns("kdlab-run1-1") and not executor.owns(None)
     assert wait_exit(executor, eid) == 3
     assert executor.status(eid).detail == "exit code 3"
     env_line, ids_line = executor.logs(eid)
