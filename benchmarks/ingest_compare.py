@@ -149,7 +149,7 @@ def seed_runs(database_url: str, count: int) -> list[str]:
     return ids
 
 
-def kdlab_server(database_url: str, data_dir: Path, log: Path):
+def kdlab_server(database_url: str, data_dir: Path, log: Path, mirror: bool = False):
     port = free_port()
     env = {
         **os.environ,
@@ -158,6 +158,10 @@ def kdlab_server(database_url: str, data_dir: Path, log: Path):
         "KDLAB_EXECUTOR": "none",
         "KDLAB_HOST": "127.0.0.1",
     }
+    if not mirror:
+        # the API alone: with the mirror on, its thread replays every point into MLflow on
+        # the same 2 cores during the measurement (pass --mirror to measure that too)
+        env["KDLAB_MLFLOW_TRACKING_URI"] = "none"
     env.pop("KDLAB_TOKEN", None)
     command = [sys.executable, "-m", "uvicorn", "--factory", "backend.main:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
@@ -232,7 +236,8 @@ def analyze(database_url: str) -> None:
 
 def bench_kdlab(label: str, database_url: str, args: argparse.Namespace, work: Path) -> dict:
     run_ids = seed_runs(database_url, args.runs)
-    base, server = kdlab_server(database_url, work / f"data-{label}", work / f"kdlab-{label}.log")
+    data, log = work / f"data-{label}", work / f"kdlab-{label}.log"
+    base, server = kdlab_server(database_url, data, log, mirror=args.mirror)
     with server:
         total = args.runs * args.points
         seconds = kdlab_ingest(base, run_ids, args.points, args.batch)
@@ -379,6 +384,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--postgres-url", help="an empty PostgreSQL database to measure too")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--mirror", action="store_true", help="keep KD Lab's MLflow mirror on while measuring"
+    )
     parser.add_argument("--mlflow-log-points", type=int, default=30_000)
     parser.add_argument("--mlflow-history-runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory, removed")
