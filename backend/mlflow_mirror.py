@@ -739,17 +739,17 @@ class MlflowMirror:
             key: {int(m.step) for m in self.client.get_metric_history(target.run_id, key)}
             for key in sorted(overlapping)
         }
-        todo = [
+        unsent = [
             MlflowMetric(key, value, ms, step)
             for (key, step), (value, ms) in points.items()
             if step not in have.get(key, ())
         ]
-        for chunk in _chunks(todo, METRIC_CHUNK):
+        for chunk in _chunks(unsent, METRIC_CHUNK):
             self.client.log_batch(target.run_id, metrics=chunk, synchronous=True)
             for metric in chunk:
                 if metric.step > latest.get(metric.key, -1):
                     latest[metric.key] = metric.step
-        return {**row.payload, "sent": len(todo), "skipped": len(points) - len(todo)}
+        return {**row.payload, "sent": len(unsent), "skipped": len(points) - len(unsent)}
 
     # ------------------------------------------------------------------ the exported student
 

@@ -136,7 +136,7 @@ def _upsert(session: Session, run_id: str, rows: list[Row]) -> None:
                 {"run_id": run_id, "keys": keys, "steps": steps, "values": values, "times": times},
             )
         else:  # pragma: no cover - the project supports these two
-            raise NotImplementedError(f"metrics ingest does not support {dialect}")
+            raise RuntimeError(f"metrics ingest supports SQLite and PostgreSQL, not {dialect}")
 
 
 def ingest(
