@@ -435,19 +435,26 @@ class ResourcesSpec(_Strict):
 # --------------------------------------------------------------------------- the run
 
 
-class RunConfig(_Strict):
-    """One run: `kind: distill` (teacher → student) or `kind: train` (one model, supervised)."""
-
-    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
-    name: str = Field(
+RunName = Annotated[
+    str,
+    Field(
         min_length=1,
         max_length=100,
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Run name: letters, digits, '.', '_' and '-'.",
-    )
-    experiment: str = Field(
-        default="default", min_length=1, max_length=200, description="Experiment it belongs to."
-    )
+    ),
+]
+ExperimentName = Annotated[
+    str, Field(min_length=1, max_length=200, description="Experiment it belongs to.")
+]
+
+
+class RunConfig(_Strict):
+    """One run: `kind: distill` (teacher → student) or `kind: train` (one model, supervised)."""
+
+    schema_version: Literal[1] = Field(default=1, description="Version of this schema.")
+    name: RunName
+    experiment: ExperimentName = "default"
     kind: Literal["distill", "train"] = Field(
         description="distill: teacher → student; train: one model on the labels."
     )

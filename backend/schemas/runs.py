@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.config import ExperimentName, RunName
+
 RunStatus = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "starting", "running"})
@@ -51,15 +53,8 @@ class ExternalRunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["external"]
-    name: str = Field(
-        min_length=1,
-        max_length=100,
-        pattern=r"^[A-Za-z0-9._-]+$",
-        description="Run name: letters, digits, '.', '_' and '-'.",
-    )
-    experiment: str = Field(
-        default="default", min_length=1, max_length=200, description="Experiment it belongs to."
-    )
+    name: RunName
+    experiment: ExperimentName = "default"
     params: dict[str, Any] = Field(default={}, description="Free-form parameters to record.")
 
 
