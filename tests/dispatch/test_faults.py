@@ -31,6 +31,7 @@ from backend.services.runs import cancel_run, set_status
 from backend.settings import Settings
 from backend.supervisor import Supervisor
 from tests import factories
+from tests.dispatch.test_local_executor import group_gone
 from tests.factories import create_run
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
@@ -113,14 +114,6 @@ def drive(
             return time.monotonic() - start
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- stand-in workers
