@@ -6,20 +6,39 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
 from backend.db.engine import make_engine, make_session_factory
-from backend.errors import PayloadTooLarge, ServiceError
+from backend.errors import Invalid, PayloadTooLarge, ServiceError
 from backend.mlflow_mirror import MlflowMirror
+from backend.pages import compare as compare_page
+from backend.pages import launch as launch_page
+from backend.pages import run as run_page
+from backend.pages import runs as runs_page
+from backend.pages import security, signin
+from backend.pages.errors import is_page_request, page_error
+from backend.pages.templating import STATIC_DIR
 from backend.settings import Settings
 
 API_PREFIX = "/api"
 
 
-def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
+    if is_page_request(request):
+        return page_error(request, exc.status_code, exc.message)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def _request_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    if is_page_request(request):
+        return page_error(request, 422, Invalid(list(exc.errors())).message)
+    return await request_validation_exception_handler(request, exc)
 
 
 def _limit_body(app: FastAPI, max_bytes: int) -> None:
@@ -78,8 +97,13 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _request_error)
     _limit_body(app, settings.max_body_bytes)
+    security.install(app)
     resources = (health, catalog, runs, metrics, compare, artifacts, uploads)
     for router in (r.router for r in resources):
         app.include_router(router, prefix=API_PREFIX)
+    for page in (runs_page, launch_page, run_page, compare_page, signin):
+        app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         default=None, description="default sqlite:///<data_dir>/mlflow.db"
     )
-    mlflow_ui_url: str | None = None
+    mlflow_ui_url: str | None = Field(
+        default=None, description="Base URL of the MLflow UI; run pages link each run there."
+    )
+    session_secret: str | None = Field(
+        default=None,
+        description="Signs browser sessions; default: a random key in <data_dir>/session.key.",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = Field(default=16 * 1024 * 1024, description="Largest JSON request body.")

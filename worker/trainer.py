@@ -39,13 +39,13 @@ from worker.checkpoint import (
     seed_everything,
 )
 from worker.config import RunConfig
+from worker.loss_formula import loss_formula
 from worker.metrics import MetricSink
 
 IGNORE_INDEX = -100
 WEAK_TEACHER_FACTOR = 1.5  # a teacher below 1.5 × chance accuracy looks untrained
 EXPORT_TOLERANCE = 1e-6  # |exported − in-training| student accuracy allowed after export
 STUDENT_FILE = "student.safetensors"
-STUDENT_LOSS_FORMULA = "cross_entropy(student_logits, labels), mean over labels != -100"
 
 
 @dataclass
@@ -192,10 +192,6 @@ def private_generator(seed: int) -> torch.Generator:
     """A generator of its own, so a DataLoader does not draw its base seed from the global RNG
     (which would shift dropout etc. between an uninterrupted and a resumed run)."""
     return torch.Generator().manual_seed(seed)
-
-
-def _num(value: float | None) -> str:
-    return "?" if value is None else f"{value:.6g}"
 
 
 def best_is_max(metric: str) -> bool:
@@ -421,27 +417,10 @@ class Trainer:
             ),
         }
         if self.dm is None:
-            meta["loss"] = {
-                "formula": f"total = {STUDENT_LOSS_FORMULA}",
-                "student_loss_weight": 1.0,
-            }
+            meta["loss"] = loss_formula(cfg, None)
         else:
-            assert self.teacher is not None and cfg.distill is not None
-            described = self.dm.describe_kd_loss()
-            uses_student_loss = cfg.train.student_loss != "none"
-            student_weight = described.get("student_loss_weight") if uses_student_loss else 0.0
-            parts = [f"{_num(t['weight'])}·[{t['formula']}]" for t in described["terms"]]
-            if uses_student_loss:
-                parts.insert(0, f"{_num(student_weight)}·[{STUDENT_LOSS_FORMULA}]")
-            formula = "total = " + " + ".join(parts)
-            if cfg.distill.balancer.name == "dynamic":
-                formula += f" (each KD term first rescaled: {described['balancer']})"
-            meta["loss"] = {
-                "formula": formula,
-                "student_loss": STUDENT_LOSS_FORMULA if uses_student_loss else None,
-                "student_loss_weight": student_weight,
-                "kd": described,
-            }
+            assert self.teacher is not None
+            meta["loss"] = loss_formula(cfg, self.dm.describe_kd_loss())
             meta["teacher_fingerprint"] = self.teacher_fingerprint
             meta["teacher_params"] = sum(p.numel() for p in self.teacher.parameters())
         self.sink.log_metadata(meta)

@@ -9,7 +9,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from backend.db.engine import session_scope
-from backend.services.auth import Principal, authenticate
+from backend.errors import Forbidden
+from backend.services import sessions
+from backend.services.auth import ADMIN, Principal, authenticate
 from backend.settings import Settings
 
 
@@ -26,7 +28,17 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
-    return authenticate(session, settings, request.headers.get("authorization"))
+    """The bearer token's principal; without one, a signed-in browser is the admin (the pages'
+    charts and download buttons), and a state change from it needs its CSRF token."""
+    header = request.headers.get("authorization")
+    browser = getattr(request.state, "browser", None)
+    if header is None and browser is not None and browser.token_hash != sessions.OPEN:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not sessions.csrf_matches(
+            browser, request.headers.get(sessions.CSRF_HEADER)
+        ):
+            raise Forbidden("a browser session needs its X-CSRF-Token header for this call")
+        return ADMIN
+    return authenticate(session, settings, header)
 
 
 def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

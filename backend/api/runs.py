@@ -75,6 +75,10 @@ def list_runs(
     status: Annotated[list[RunStatus] | None, Query()] = None,
     kind: str | None = None,
     q: Annotated[str | None, Query(description="Part of the run name (any case).")] = None,
+    sort: Annotated[
+        str,
+        Query(description="created, name, status, kind or experiment; a leading - reverses."),
+    ] = service.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RunList:
@@ -85,6 +89,7 @@ def list_runs(
         status=list(status) if status else None,
         kind=kind,
         q=q,
+        sort=sort,
         limit=limit,
         offset=offset,
     )

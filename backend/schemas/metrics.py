@@ -65,6 +65,9 @@ class SeriesOut(BaseModel):
     value: list[float]
     min: list[float]
     max: list[float]
+    points: int = Field(
+        default=0, description="Raw points in the window these buckets summarise (≥ buckets)."
+    )
 
 
 class SeriesResponse(BaseModel):

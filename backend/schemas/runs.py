@@ -36,6 +36,7 @@ class RunOut(BaseModel):
     teacher_run_id: str | None = Field(description="The run whose weights the teacher uses.")
     cloned_from: str | None
     mlflow_run_id: str | None
+    mlflow_experiment_id: str | None = None
 
 
 class ExternalRunCreated(RunOut):

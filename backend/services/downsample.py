@@ -115,7 +115,14 @@ def _raw(session: Session, run_id: str, key: str, window: Window) -> SeriesOut:
         return _empty(run_id, key)
     steps, times, values = (list(column) for column in zip(*rows, strict=True))
     return SeriesOut(
-        run_id=run_id, key=key, step=steps, time=times, value=values, min=values, max=values
+        run_id=run_id,
+        key=key,
+        step=steps,
+        time=times,
+        value=values,
+        min=values,
+        max=values,
+        points=len(values),
     )
 
 
@@ -156,6 +163,7 @@ def downsample(session: Session, run_id: str, key: str, window: Window) -> Serie
         value=[float(v) for v in means],
         min=[float(v) for v in mins],
         max=[float(v) for v in maxs],
+        points=int(total),
     )
 
 

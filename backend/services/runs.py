@@ -58,6 +58,7 @@ def run_out(run: Run) -> RunOut:
         teacher_run_id=run.teacher_run_id,
         cloned_from=run.cloned_from,
         mlflow_run_id=run.mlflow_run_id,
+        mlflow_experiment_id=run.mlflow_experiment_id,
     )
 
 
@@ -161,6 +162,27 @@ def create_external(session: Session, data: dict[str, Any]) -> ExternalRunCreate
 # --------------------------------------------------------------------------- list and read
 
 
+# The orders a run list may be sorted by (`sort=`, a leading "-" reverses): name → columns.
+SORTS: dict[str, tuple[Any, ...]] = {
+    "created": (Run.created_at, Run.id),
+    "name": (Run.name, Run.id),
+    "status": (Run.status, Run.created_at),
+    "kind": (Run.kind, Run.created_at),
+    "experiment": (Experiment.name, Run.created_at),
+}
+DEFAULT_SORT = "-created"
+
+
+def sort_columns(sort: str) -> list[Any]:
+    """ORDER BY columns for `sort` (e.g. `-created`, `name`); 422 naming the choices."""
+    name = sort.removeprefix("-")
+    if name not in SORTS:
+        choices = ", ".join(sorted(SORTS))
+        raise Invalid.at(["query", "sort"], f"unknown sort {sort!r}; use one of {choices}")
+    columns = SORTS[name]
+    return [c.desc() if sort.startswith("-") else c.asc() for c in columns]
+
+
 def list_runs(
     session: Session,
     *,
@@ -168,13 +190,16 @@ def list_runs(
     status: list[str] | None = None,
     kind: str | None = None,
     q: str | None = None,
+    sort: str = DEFAULT_SORT,
     limit: int = 50,
     offset: int = 0,
 ) -> RunList:
-    """Runs matching every given filter, newest first, and how many match in all."""
-    query = select(Run)
+    """Runs matching every given filter, in `sort` order (newest first by default), and how
+    many match in all."""
+    order = sort_columns(sort)
+    query = select(Run).join(Run.experiment)
     if experiment is not None:
-        query = query.join(Run.experiment).where(Experiment.name == experiment)
+        query = query.where(Experiment.name == experiment)
     if status:
         query = query.where(Run.status.in_(status))
     if kind is not None:
@@ -184,7 +209,7 @@ def list_runs(
         query = query.where(Run.name.ilike(f"%{escaped}%", escape="\\"))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
-        query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit).offset(offset)
+        query.order_by(*order).limit(limit).offset(offset)
     ).unique()
     return RunList(runs=[run_out(r) for r in rows], total=total)
 
@@ -320,16 +345,25 @@ def heartbeat(session: Session, run_id: str) -> HeartbeatOut:
 # --------------------------------------------------------------------------- logs
 
 
+def read_log_events(
+    session: Session, run_id: str, tail: int, after_id: int | None = None
+) -> list[tuple[int, str]]:
+    """(event id, line) of the run's log/error lines, oldest first: the last `tail`, or with
+    `after_id` the first `tail` after that id."""
+    get_run(session, run_id)
+    query = select(RunEvent.id, RunEvent.message).where(
+        RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
+    )
+    if after_id is not None:
+        rows = session.execute(query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(tail))
+        return [(event_id, line) for event_id, line in rows]
+    rows = session.execute(query.order_by(RunEvent.id.desc()).limit(tail))
+    return [(event_id, line) for event_id, line in rows][::-1]
+
+
 def read_logs(session: Session, run_id: str, tail: int) -> list[str]:
     """The last `tail` log/error lines of the run, oldest first."""
-    get_run(session, run_id)
-    rows = session.scalars(
-        select(RunEvent.message)
-        .where(RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS))
-        .order_by(RunEvent.id.desc())
-        .limit(tail)
-    ).all()
-    return list(reversed(rows))
+    return [line for _, line in read_log_events(session, run_id, tail)]
 
 
 def append_logs(session: Session, run_id: str, body: LogAppend) -> int:

@@ -1,0 +1,62 @@
+"""The compare page (`/compare?run=…&key=…`): any metric of any number of runs overlaid, the
+config differences, the whole view in the URL. The charts themselves are drawn in the browser
+from `/api/compare` (frontend/static/js/pages/compare.js)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import Response
+
+from backend.api.deps import SessionDep
+from backend.pages.security import verify_csrf
+from backend.pages.templating import render
+from backend.schemas.metrics import split_list
+from backend.schemas.runs import ACTIVE
+from backend.services import metrics as metric_service
+from backend.services import runs as service
+
+router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
+
+DEFAULT_KEYS = ("eval/student_acc", "train/loss_total")
+DEFAULT_PREFIXES = ("train/kd/",)
+RECENT_RUNS = 30
+
+
+def _listed(repeated: list[str] | None, joined: str | None) -> list[str]:
+    """`?run=a&run=b` and `?runs=a,b` alike, first occurrence kept."""
+    items = [*(repeated or []), *(split_list(joined) or [])]
+    return list(dict.fromkeys(i.strip() for i in items if i.strip()))
+
+
+def default_keys(available: list[str]) -> list[str]:
+    """What the page shows before a key is picked: accuracy, total loss and each KD term."""
+    chosen = [k for k in DEFAULT_KEYS if k in available]
+    chosen += [k for k in available if k.startswith(DEFAULT_PREFIXES)]
+    return chosen or available[:2]
+
+
+@router.get("/compare")
+def compare_page(
+    request: Request,
+    session: SessionDep,
+    run: Annotated[list[str] | None, Query()] = None,
+    runs: str | None = None,
+    key: Annotated[list[str] | None, Query()] = None,
+    keys: str | None = None,
+) -> Response:
+    run_ids = _listed(run, runs)
+    chosen = [service.run_out(service.get_run(session, run_id)) for run_id in run_ids]
+    available = sorted({k for r in chosen for k in metric_service.run_keys(session, r.id)})
+    asked = _listed(key, keys)
+    context = {
+        "nav": "compare",
+        "runs": chosen,
+        "available_keys": sorted(set(available) | set(asked)),
+        "selected_keys": asked or default_keys(available),
+        "configs": [{"id": r.id, "name": r.name, "config": r.config} for r in chosen],
+        "recent": [] if chosen else service.list_runs(session, limit=RECENT_RUNS).runs,
+        "any_live": any(r.status in ACTIVE for r in chosen),
+    }
+    return render(request, "pages/compare.html", context)

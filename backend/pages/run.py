@@ -1,0 +1,204 @@
+"""The run page (`/runs/{id}`): status, charts of every loss component, eval against teacher
+and baseline, the formula in effect, live log tail, artifacts, cancel / clone / delete."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.responses import Response, StreamingResponse
+
+from backend.api.deps import SessionDep, SettingsDep
+from backend.pages.security import verify_csrf
+from backend.pages.templating import is_fragment_request, render, templates
+from backend.schemas.runs import FINISHED, RunOut
+from backend.services import artifacts as artifact_service
+from backend.services import metrics as metric_service
+from backend.services import run_views
+from backend.services import runs as service
+from backend.services.auth import ADMIN
+from worker.kd.distillation_model import pair_key
+
+router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
+
+LOG_TAIL = 200
+HEAD_CONTEXT = ("run", "row", "meta", "teacher", "baseline", "artifacts")  # run_head's arguments
+LIVE_POLL_SECONDS = 1.0
+
+
+@dataclass
+class Panel:
+    """One chart: a title, the runs it overlays and the metric keys it draws."""
+
+    title: str
+    keys: list[str]
+    runs: list[RunOut] = field(default_factory=list)
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run.id for run in self.runs]
+
+    @property
+    def run_names(self) -> dict[str, str]:
+        return {run.id: run.name for run in self.runs}
+
+    @property
+    def slug(self) -> str:
+        return "chart-" + "".join(c if c.isalnum() else "-" for c in self.title.lower())
+
+
+# (title, keys or key prefix) in page order; a key lands in the first panel that claims it
+PANEL_LAYOUT: list[tuple[str, tuple[str, ...]]] = [
+    ("Training loss", ("train/loss_total", "train/loss_student")),
+    ("KD terms, raw", ("train/kd/",)),
+    ("KD terms, weighted by the balancer", ("train/kd_weighted/",)),
+    (
+        "Accuracy",
+        ("eval/student_acc", "eval/teacher_acc", "eval/agreement", "eval/exported_student_acc"),
+    ),
+    ("Eval loss and KL(teacher‖student)", ("eval/student_loss", "eval/kl")),
+    ("Learning rate", ("train/lr",)),
+    ("Gradient norm", ("train/grad_norm",)),
+    ("Step time (ms)", ("sys/step_time_ms",)),
+    ("Teacher share of step time", ("sys/teacher_time_share",)),
+    ("GPU memory (GiB)", ("sys/gpu_mem_gib",)),
+]
+
+
+def expected_keys(run: RunOut) -> list[str]:
+    """The keys a run of this kind will log, for charts drawn before its first point."""
+    keys = ["train/loss_total", "train/loss_student", "eval/student_acc", "train/lr"]
+    if run.kind == "distill":
+        pairs = run.config.get("distill", {}).get("pairs", [])
+        names = [pair_key((p["student_layer"], p["teacher_layer"])) for p in pairs]
+        keys += [f"train/kd/{n}" for n in names] + [f"train/kd_weighted/{n}" for n in names]
+        keys += ["eval/teacher_acc", "eval/agreement", "eval/kl"]
+    return keys
+
+
+def chart_panels(run: RunOut, keys: list[str], baseline: RunOut | None) -> list[Panel]:
+    """The run's keys (or the expected ones) laid out in panels; the baseline joins Accuracy."""
+    remaining = list(dict.fromkeys(keys or expected_keys(run)))
+    panels = []
+    for title, claims in PANEL_LAYOUT:
+        mine = [k for k in remaining if any(k == c or (c.endswith("/") and k.startswith(c)) for c in claims)]
+        if not mine:
+            continue
+        remaining = [k for k in remaining if k not in mine]
+        runs = [run, baseline] if baseline is not None and title == "Accuracy" else [run]
+        panels.append(Panel(title, sorted(mine, key=_claim_order(claims)), runs))
+    if remaining:
+        panels.append(Panel("Other metrics", remaining, [run]))
+    return panels
+
+
+def _claim_order(claims: tuple[str, ...]) -> object:
+    return lambda key: (claims.index(key) if key in claims else len(claims), key)
+
+
+def _context(session: Session, run_id: str) -> dict[str, object]:
+    run = service.run_out(service.get_run(session, run_id))
+    summary = run_views.summarize(session, [run])[0]
+    baseline = run_views.baseline_of(session, run)
+    teacher = (
+        service.run_out(service.get_run(session, run.teacher_run_id))
+        if run.teacher_run_id
+        else None
+    )
+    logs = service.read_log_events(session, run_id, LOG_TAIL)
+    return {
+        "nav": "runs",
+        "run": run,
+        "row": summary,
+        "meta": run_views.metadata(session, run_id),
+        "panels": chart_panels(run, metric_service.run_keys(session, run_id), baseline),
+        "baseline": baseline,
+        "teacher": teacher,
+        "logs": [line for _, line in logs if not line.startswith(run_views.METADATA_PREFIX)],
+        "last_log_id": logs[-1][0] if logs else 0,
+        "artifacts": artifact_service.list_artifacts(session, ADMIN, run_id),
+        "config_json": json.dumps(run.config, indent=2, sort_keys=False),
+        "finished": run.status in FINISHED,
+    }
+
+
+@router.get("/runs/{run_id}")
+def run_page(request: Request, run_id: str, session: SessionDep) -> Response:
+    return render(request, "pages/run.html", _context(session, run_id))
+
+
+@router.post("/runs/{run_id}/cancel")
+def cancel(request: Request, run_id: str, session: SessionDep) -> Response:
+    service.cancel_run(session, run_id)
+    return _head_or_page(request, session, run_id)
+
+
+@router.post("/runs/{run_id}/delete")
+def delete(request: Request, run_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+    service.delete_run(session, settings, run_id)
+    if is_fragment_request(request):
+        return Response(status_code=204, headers={"HX-Redirect": "/"})
+    return Response(status_code=303, headers={"Location": "/"})
+
+
+def _head_or_page(request: Request, session: Session, run_id: str) -> Response:
+    if is_fragment_request(request):
+        return render(request, "partials/_run_head.html", _context(session, run_id))
+    return Response(status_code=303, headers={"Location": f"/runs/{run_id}"})
+
+
+# --------------------------------------------------------------------------- live updates
+
+
+def _live_state(
+    factory: sessionmaker[Session], run_id: str, after_id: int
+) -> tuple[str, list[tuple[int, str]], bool]:
+    """(head HTML for an out-of-band swap, new log lines, finished)."""
+    with factory() as session:
+        context = _context(session, run_id)
+        lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
+        session.rollback()
+    macros = templates.env.get_template("partials/_run_head.html").module
+    args = {name: context[name] for name in HEAD_CONTEXT}
+    head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]
+    return head, lines, bool(context["finished"])
+
+
+def _sse(event: str, text: str) -> str:
+    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
+
+
+async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIterator[str]:
+    factory = request.app.state.session_factory
+    last_head = None
+    while not await request.is_disconnected():
+        head, lines, finished = await run_in_threadpool(_live_state, factory, run_id, after_id)
+        if head != last_head:
+            last_head = head
+            yield _sse("update", head)
+        shown = [line for _, line in lines if not line.startswith(run_views.METADATA_PREFIX)]
+        if shown:
+            yield _sse("log", "".join(html.escape(line) + "\n" for line in shown))
+        if lines:
+            after_id = lines[-1][0]
+        if finished and len(lines) < 1000:
+            yield _sse("end", "done")
+            return
+        await asyncio.sleep(LIVE_POLL_SECONDS)
+
+
+@router.get("/runs/{run_id}/live")
+def live(request: Request, run_id: str, session: SessionDep, after: int = 0) -> StreamingResponse:
+    """SSE for the run page: `update` (the head, out of band), `log` lines after `after`."""
+    service.get_run(session, run_id)
+    session.close()
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        _live_stream(request, run_id, after), media_type="text/event-stream", headers=headers
+    )

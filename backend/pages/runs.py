@@ -1,0 +1,142 @@
+"""The runs page (`/`): filters and sort in the URL, paging, live cells over SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.responses import Response, StreamingResponse
+
+from backend.api.deps import SessionDep
+from backend.db.models import Experiment, Run
+from backend.errors import Invalid
+from backend.pages.security import verify_csrf
+from backend.pages.templating import render, templates
+from backend.schemas.runs import RunStatus
+from backend.services import run_views
+from backend.services import runs as service
+
+router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
+
+PAGE_SIZE = 50
+SORT_CHOICES = [
+    ("-created", "Newest first"),
+    ("created", "Oldest first"),
+    ("name", "Name A–Z"),
+    ("-name", "Name Z–A"),
+    ("status", "Status"),
+    ("experiment", "Experiment"),
+    ("kind", "Kind"),
+]
+STATUSES: tuple[str, ...] = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
+LIVE_POLL_SECONDS = 1.0
+
+
+def _filters_query(filters: dict[str, object], **changes: object) -> str:
+    """The query string of the runs page for `filters` with `changes` (blanks and page 1 left
+    out, so every link is the shortest URL of its view)."""
+    pairs: list[tuple[str, object]] = []
+    for key, value in {**filters, **changes}.items():
+        values = value if isinstance(value, list) else [value]
+        pairs += [(key, v) for v in values if v not in (None, "") and (key, v) != ("page", 1)]
+    return urlencode(pairs)
+
+
+@router.get("/")
+def runs_page(
+    request: Request,
+    session: SessionDep,
+    experiment: str | None = None,
+    status: Annotated[list[RunStatus] | None, Query()] = None,
+    kind: str | None = None,
+    q: str | None = None,
+    sort: str = service.DEFAULT_SORT,
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    experiment = experiment or None
+    kind = kind or None
+    q = (q or "").strip() or None
+    if sort not in dict(SORT_CHOICES):
+        raise Invalid.at(["query", "sort"], f"unknown sort {sort!r}")
+    listing = service.list_runs(
+        session,
+        experiment=experiment,
+        status=list(status) if status else None,
+        kind=kind,
+        q=q,
+        sort=sort,
+        limit=PAGE_SIZE,
+        offset=(page - 1) * PAGE_SIZE,
+    )
+    rows = run_views.summarize(session, listing.runs)
+    filters: dict[str, object] = {
+        "experiment": experiment,
+        "status": list(status or []),
+        "kind": kind,
+        "q": q,
+        "sort": sort if sort != service.DEFAULT_SORT else None,
+    }
+    pages = max(1, -(-listing.total // PAGE_SIZE))
+    context = {
+        "nav": "runs",
+        "rows": rows,
+        "total": listing.total,
+        "page": page,
+        "pages": pages,
+        "first": (page - 1) * PAGE_SIZE + 1,
+        "filters": filters,
+        "filtered": any(filters[k] for k in ("experiment", "status", "kind", "q")),
+        "prev_query": _filters_query(filters, page=page - 1) if page > 1 else None,
+        "next_query": _filters_query(filters, page=page + 1) if page < pages else None,
+        "live_ids": ",".join(r.run.id for r in rows if r.active),
+        "experiments": session.scalars(select(Experiment.name).order_by(Experiment.name)).all(),
+        "statuses": STATUSES,
+        "sorts": SORT_CHOICES,
+        "sort": sort,
+    }
+    return render(request, "pages/runs.html", context, partial="partials/_runs_table.html")
+
+
+def _live_cells(factory: sessionmaker[Session], ids: list[str]) -> tuple[dict[str, str], bool]:
+    """The live cells of each run, rendered (run id → HTML), and whether any is still active."""
+    with factory() as session:
+        runs = session.scalars(select(Run).where(Run.id.in_(ids))).unique().all()
+        rows = run_views.summarize(session, [service.run_out(r) for r in runs])
+        session.rollback()
+    macros = templates.env.get_template("partials/_run_cells.html").module
+    cells = {row.run.id: str(macros.live_cells(row, oob=True)) for row in rows}  # type: ignore[attr-defined]
+    return cells, any(row.active for row in rows)
+
+
+async def _live_stream(request: Request, ids: list[str]) -> AsyncIterator[str]:
+    """`event: update` with out-of-band cells whenever a run's cells change; ends when every
+    run has finished or the browser has gone."""
+    factory = request.app.state.session_factory
+    sent: dict[str, str] = {}
+    while not await request.is_disconnected():
+        cells, active = await run_in_threadpool(_live_cells, factory, ids)
+        changed = [html for run_id, html in cells.items() if sent.get(run_id) != html]
+        sent.update(cells)
+        if changed:
+            data = "\n".join(f"data: {line}" for line in "".join(changed).splitlines())
+            yield f"event: update\n{data}\n\n"
+        if not active:
+            yield "event: end\ndata: done\n\n"
+            return
+        await asyncio.sleep(LIVE_POLL_SECONDS)
+
+
+@router.get("/live/runs")
+def live_runs(request: Request, ids: str = "") -> StreamingResponse:
+    """SSE for the runs table: the status, progress, duration and accuracy cells of `ids`."""
+    run_ids = [i for i in dict.fromkeys(ids.split(",")) if i][:PAGE_SIZE]
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        _live_stream(request, run_ids), media_type="text/event-stream", headers=headers
+    )
