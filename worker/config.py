@@ -45,6 +45,7 @@ __all__ = [
     "TeacherSpec",
     "TeacherWeights",
     "TrainSpec",
+    "balancer_params_schema",
     "error_lines",
     "load_run_config",
     "run_config_json_schema",
@@ -267,6 +268,11 @@ _BALANCER_PARAMS: dict[str, type[Params]] = {
     "static": _StaticBalancerParams,
     "dynamic": _DynamicBalancerParams,
 }
+
+
+def balancer_params_schema(name: str) -> dict[str, Any]:
+    """JSON Schema of a balancer's params (`static` | `dynamic`), for the launch form."""
+    return _BALANCER_PARAMS[name].model_json_schema()
 
 
 class BalancerSpec(_Strict):

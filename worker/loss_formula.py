@@ -16,24 +16,28 @@ def _num(value: float | None) -> str:
     return "?" if value is None else f"{value:.6g}"
 
 
-def describe_from_config(config: RunConfig) -> dict[str, Any]:
-    """What `DistillationModel.describe_kd_loss()` will report for this config, built from the
-    losses and balancer alone (no models)."""
+def describe_from_config(
+    config: RunConfig, term_formulas: list[str] | None = None
+) -> dict[str, Any]:
+    """What `DistillationModel.describe_kd_loss()` will report for this config, from the losses
+    and balancer alone (no models). `term_formulas`: each pair's `describe()` once its loss was
+    set up for the real shapes (learned adapters show only then; the dry run has them)."""
     assert config.distill is not None
     spec = config.distill
     balancer = kd.build_balancer(spec.balancer.name, spec.balancer.params)
     keys = [pair_key((p.student_layer, p.teacher_layer)) for p in spec.pairs]
     weights = balancer.pair_weights(keys)
     terms = []
-    for pair, key in zip(spec.pairs, keys, strict=True):
+    for i, (pair, key) in enumerate(zip(spec.pairs, keys, strict=True)):
         loss = kd.losses.build_loss(pair.loss.name, pair.loss.params)
+        formula = term_formulas[i] if term_formulas is not None else loss.describe()
         terms.append(
             {
                 "key": key,
                 "student_layer": pair.student_layer,
                 "teacher_layer": pair.teacher_layer,
                 "loss": type(loss).__name__,
-                "formula": loss.describe(),
+                "formula": formula,
                 "weight": weights.get(key),
             }
         )

@@ -58,5 +58,6 @@ def compare_page(
         "configs": [{"id": r.id, "name": r.name, "config": r.config} for r in chosen],
         "recent": [] if chosen else service.list_runs(session, limit=RECENT_RUNS).runs,
         "any_live": any(r.status in ACTIVE for r in chosen),
+        "live_ids": ",".join(r.id for r in chosen if r.status in ACTIVE),
     }
     return render(request, "pages/compare.html", context)

@@ -70,7 +70,7 @@ def _submitted(fields: list[tuple[str, str]]) -> Submitted:
     source = controls.get("_weights_source")
     teacher = draft.get("teacher")
     weights = teacher.get("weights") if isinstance(teacher, dict) else None
-    if isinstance(weights, dict):
+    if isinstance(teacher, dict) and isinstance(weights, dict):
         if source in ("run", "upload"):  # only the chosen source's pick counts
             weights.pop("upload_id" if source == "run" else "run_id", None)
         if not weights.get("run_id") and not weights.get("upload_id"):
@@ -90,7 +90,8 @@ def _items(form: FormData) -> list[tuple[str, str]]:
 def _errors_by_path(err: Invalid) -> dict[str, str]:
     """422 entries keyed by the dotted path of the field they name (the leading `body` cut)."""
     found: dict[str, str] = {}
-    for item in err.detail:
+    items: list[dict[str, Any]] = err.detail  # type: ignore[assignment]  # Invalid's is a list
+    for item in items:
         loc = [p for p in item["loc"] if p not in ("body", "config")]
         path = ".".join(map(str, loc))
         found[path] = f"{found[path]} {item['msg']}" if path in found else item["msg"]

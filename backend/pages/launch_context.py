@@ -31,8 +31,8 @@ from backend.services.launch_form import (
 )
 from backend.services.validation import data_root
 from backend.settings import Settings
-from worker.config import RunConfig
-from worker.loss_formula import describe_from_config, loss_formula
+from worker.config import balancer_params_schema
+from worker.kd.loss_balancers import BALANCERS
 
 DEFAULT_DRAFT: dict[str, Any] = {
     "name": "my-distill-run",
@@ -41,7 +41,9 @@ DEFAULT_DRAFT: dict[str, Any] = {
     "dataset": {"name": "digits"},
     "student": {"name": "mlp", "params": {"hidden": [16]}},
     "teacher": {"name": "mlp", "params": {"hidden": [256, 256]}},
-    "distill": {"pairs": [{"student_layer": "", "teacher_layer": "", "loss": {"name": "logits_kl"}}]},
+    "distill": {
+        "pairs": [{"student_layer": "", "teacher_layer": "", "loss": {"name": "logits_kl"}}]
+    },
 }
 ADAPTER_LOSS = "feature_mse"  # the loss the form offers when a pair's shapes differ
 
@@ -98,8 +100,12 @@ def _pair_views(
     catalog: Catalog, draft: dict[str, Any], errors: dict[str, str], settings: Settings
 ) -> tuple[list[PairView], str | None]:
     dataset = _dict(draft.get("dataset"))
-    student_layers, student_problem = _layers(catalog, _dict(draft.get("student")), dataset, settings)
-    teacher_layers, teacher_problem = _layers(catalog, _dict(draft.get("teacher")), dataset, settings)
+    student_layers, student_problem = _layers(
+        catalog, _dict(draft.get("student")), dataset, settings
+    )
+    teacher_layers, teacher_problem = _layers(
+        catalog, _dict(draft.get("teacher")), dataset, settings
+    )
     student_choices, teacher_choices = layer_choices(student_layers), layer_choices(teacher_layers)
     shapes_s = {c.name: c.shape for c in student_choices}
     shapes_t = {c.name: c.shape for c in teacher_choices}
@@ -108,8 +114,10 @@ def _pair_views(
     for i, pair in enumerate(p if isinstance(p, dict) else {} for p in pairs):
         loss = _dict(pair.get("loss"))
         loss_name = str(loss.get("name") or "logits_kl")
-        loc = ["distill", "pairs", i, "loss", "params"]
-        loss_fields = loss_param_fields(loc, catalog.losses.get(loss_name), _dict(loss.get("params")))
+        loc: list[str | int] = ["distill", "pairs", i, "loss", "params"]
+        loss_fields = loss_param_fields(
+            loc, catalog.losses.get(loss_name), _dict(loss.get("params"))
+        )
         prefix = f"distill.pairs.{i}."
         view = PairView(
             index=i,
@@ -162,6 +170,13 @@ def _hooks(catalog: Catalog, kind: str, draft: dict[str, Any]) -> Any:
             return [FormField(list(loc), "Name", "select", value=value, required=True,
                               options=catalog_options(catalog, group), structural=True,
                               description=prop.get("description"))]  # fmt: skip
+        if key == ("distill", "balancer", "params"):
+            balancer = _dict(_dict(draft.get("distill")).get("balancer"))
+            name = str(balancer.get("name") or "static")
+            schema = balancer_params_schema(name) if name in BALANCERS else None
+            values = _dict(balancer.get("params")) or {"kd_weight": 0.5}
+            children = params_fields(list(loc), schema, values)
+            return [FormField(list(loc), "Params", "group", children=children)]
         if len(loc) == 2 and loc[1] == "params" and loc[0] in ("dataset", "student", "teacher"):
             section = _dict(draft.get(loc[0]))
             items = catalog.datasets if loc[0] == "dataset" else catalog.models
@@ -183,9 +198,7 @@ def _sections(catalog: Catalog, draft: dict[str, Any]) -> tuple[list[FormField],
     return [f for f in fields if f.widget != "group"], [f for f in fields if f.widget == "group"]
 
 
-def _teacher_context(
-    session: Session, draft: dict[str, Any], source: str | None
-) -> dict[str, Any]:
+def _teacher_context(session: Session, draft: dict[str, Any], source: str | None) -> dict[str, Any]:
     weights = _dict(_dict(draft.get("teacher")).get("weights"))
     if source not in ("run", "upload"):
         source = "upload" if weights.get("upload_id") else "run"
@@ -212,7 +225,9 @@ def form_context(
     run_fields, sections = _sections(catalog, draft)
     unclaimed = attach_errors(run_fields + sections, errors)
     is_distill = draft.get("kind", "distill") == "distill"
-    pairs, layer_problem = _pair_views(catalog, draft, errors, settings) if is_distill else ([], None)
+    pairs, layer_problem = (
+        _pair_views(catalog, draft, errors, settings) if is_distill else ([], None)
+    )
     pair_paths = {f"distill.pairs.{p.index}.{k}" for p in pairs for k in p.errors}
     loss_paths = {f.path for p in pairs for f in p.loss_fields if f.error}
     weights_paths = {k for k in unclaimed if k.startswith("teacher.weights")}
@@ -233,17 +248,9 @@ def form_context(
         "general_errors": general,
         "weights_error": " ".join(errors[k] for k in sorted(weights_paths)) or None,
         "report": report,
-        "formula": _formula(report),
+        "formula": report.loss_formula if report is not None else None,
         **(_teacher_context(session, draft, weights_source) if is_distill else {}),
     }
-
-
-def _formula(report: ValidationReport | None) -> str | None:
-    if report is None:
-        return None
-    config = RunConfig.model_validate(report.config)
-    described = describe_from_config(config) if config.kind == "distill" else None
-    return str(loss_formula(config, described)["formula"])
 
 
 # --------------------------------------------------------------------------- form actions

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from backend.api.deps import SessionDep, SettingsDep
 from backend.pages.security import verify_csrf
-from backend.pages.templating import is_fragment_request, render, templates
+from backend.pages.templating import is_fragment_request, render, shared_context, templates
 from backend.schemas.runs import FINISHED, RunOut
 from backend.services import artifacts as artifact_service
 from backend.services import metrics as metric_service
@@ -87,7 +88,11 @@ def chart_panels(run: RunOut, keys: list[str], baseline: RunOut | None) -> list[
     remaining = list(dict.fromkeys(keys or expected_keys(run)))
     panels = []
     for title, claims in PANEL_LAYOUT:
-        mine = [k for k in remaining if any(k == c or (c.endswith("/") and k.startswith(c)) for c in claims)]
+        mine = [
+            k
+            for k in remaining
+            if any(k == c or (c.endswith("/") and k.startswith(c)) for c in claims)
+        ]
         if not mine:
             continue
         remaining = [k for k in remaining if k not in mine]
@@ -98,7 +103,7 @@ def chart_panels(run: RunOut, keys: list[str], baseline: RunOut | None) -> list[
     return panels
 
 
-def _claim_order(claims: tuple[str, ...]) -> object:
+def _claim_order(claims: tuple[str, ...]) -> Callable[[str], tuple[int, str]]:
     return lambda key: (claims.index(key) if key in claims else len(claims), key)
 
 
@@ -157,14 +162,14 @@ def _head_or_page(request: Request, session: Session, run_id: str) -> Response:
 
 
 def _live_state(
-    factory: sessionmaker[Session], run_id: str, after_id: int
+    factory: sessionmaker[Session], run_id: str, after_id: int, shared: dict[str, Any]
 ) -> tuple[str, list[tuple[int, str]], bool]:
     """(head HTML for an out-of-band swap, new log lines, finished)."""
     with factory() as session:
         context = _context(session, run_id)
         lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
         session.rollback()
-    macros = templates.env.get_template("partials/_run_head.html").module
+    macros = templates.env.get_template("macros/run_head.html").make_module(shared)
     args = {name: context[name] for name in HEAD_CONTEXT}
     head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]
     return head, lines, bool(context["finished"])
@@ -176,9 +181,12 @@ def _sse(event: str, text: str) -> str:
 
 async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIterator[str]:
     factory = request.app.state.session_factory
+    shared = shared_context(request)  # what the macro reads besides its arguments
     last_head = None
     while not await request.is_disconnected():
-        head, lines, finished = await run_in_threadpool(_live_state, factory, run_id, after_id)
+        head, lines, finished = await run_in_threadpool(
+            _live_state, factory, run_id, after_id, shared
+        )
         if head != last_head:
             last_head = head
             yield _sse("update", head)

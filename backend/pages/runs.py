@@ -103,24 +103,29 @@ def runs_page(
     return render(request, "pages/runs.html", context, partial="partials/_runs_table.html")
 
 
-def _live_cells(factory: sessionmaker[Session], ids: list[str]) -> tuple[dict[str, str], bool]:
+def _live_cells(
+    factory: sessionmaker[Session], ids: list[str], status_only: bool
+) -> tuple[dict[str, str], bool]:
     """The live cells of each run, rendered (run id → HTML), and whether any is still active."""
     with factory() as session:
         runs = session.scalars(select(Run).where(Run.id.in_(ids))).unique().all()
         rows = run_views.summarize(session, [service.run_out(r) for r in runs])
         session.rollback()
-    macros = templates.env.get_template("partials/_run_cells.html").module
-    cells = {row.run.id: str(macros.live_cells(row, oob=True)) for row in rows}  # type: ignore[attr-defined]
+    macros = templates.env.get_template("macros/run_cells.html").make_module({})
+    render_cells = macros.status_badge if status_only else macros.live_cells  # type: ignore[attr-defined]
+    cells = {
+        row.run.id: str(render_cells(row.run if status_only else row, oob=True)) for row in rows
+    }
     return cells, any(row.active for row in rows)
 
 
-async def _live_stream(request: Request, ids: list[str]) -> AsyncIterator[str]:
+async def _live_stream(request: Request, ids: list[str], status_only: bool) -> AsyncIterator[str]:
     """`event: update` with out-of-band cells whenever a run's cells change; ends when every
     run has finished or the browser has gone."""
     factory = request.app.state.session_factory
     sent: dict[str, str] = {}
     while not await request.is_disconnected():
-        cells, active = await run_in_threadpool(_live_cells, factory, ids)
+        cells, active = await run_in_threadpool(_live_cells, factory, ids, status_only)
         changed = [html for run_id, html in cells.items() if sent.get(run_id) != html]
         sent.update(cells)
         if changed:
@@ -133,10 +138,13 @@ async def _live_stream(request: Request, ids: list[str]) -> AsyncIterator[str]:
 
 
 @router.get("/live/runs")
-def live_runs(request: Request, ids: str = "") -> StreamingResponse:
-    """SSE for the runs table: the status, progress, duration and accuracy cells of `ids`."""
+def live_runs(request: Request, ids: str = "", only: str | None = None) -> StreamingResponse:
+    """SSE for the runs table: the status, progress, duration and accuracy cells of `ids`
+    (`only=status`: just the status badges, for the compare page)."""
     run_ids = [i for i in dict.fromkeys(ids.split(",")) if i][:PAGE_SIZE]
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
-        _live_stream(request, run_ids), media_type="text/event-stream", headers=headers
+        _live_stream(request, run_ids, only == "status"),
+        media_type="text/event-stream",
+        headers=headers,
     )

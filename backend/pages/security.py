@@ -58,21 +58,36 @@ def set_session_cookie(response: Response, request: Request, value: str) -> None
     )
 
 
-def _resolve(request: Request, settings: Settings) -> tuple[sessions.BrowserSession | None, str | None]:
-    """The request's session, and a new cookie value when one was just opened."""
-    with request.app.state.session_factory() as db:
-        browser = sessions.decode(db, settings, request.cookies.get(sessions.COOKIE_NAME))
-        if browser is None and settings.open_access:
-            cookie, browser = sessions.encode(settings, sessions.OPEN)
-            return browser, cookie
-        return browser, None
+def _resolve(
+    request: Request, settings: Settings
+) -> tuple[sessions.BrowserSession | None, str | None]:
+    """The request's session, and a new cookie value when one was just opened. The database
+    is read only for a session signed in with a token from `kdlab token create`."""
+    factory = request.app.state.session_factory
+    browser = sessions.decode(factory, settings, request.cookies.get(sessions.COOKIE_NAME))
+    if browser is None and settings.open_access:
+        cookie, browser = sessions.encode(settings, sessions.OPEN)
+        return browser, cookie
+    return browser, None
+
+
+def _needs_session(request: Request) -> bool:
+    """API calls with a bearer token (workers, scripts) never look at cookies."""
+    path = request.url.path
+    if path.startswith("/static/"):
+        return False
+    if path.startswith("/api/"):
+        return "authorization" not in request.headers and sessions.COOKIE_NAME in request.cookies
+    return True
 
 
 def _to_signin(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     location = f"{SIGNIN_PATH}?next={quote(target, safe='')}"
     if request.headers.get("hx-request") == "true":
-        return PlainTextResponse("sign in first", status_code=401, headers={"HX-Redirect": location})
+        return PlainTextResponse(
+            "sign in first", status_code=401, headers={"HX-Redirect": location}
+        )
     if request.method in ("GET", "HEAD"):
         return RedirectResponse(location, status_code=303)
     return PlainTextResponse("Sign in first: your session is missing or expired.", 401)
@@ -84,7 +99,7 @@ def install(app: FastAPI) -> None:
         path = request.url.path
         new_cookie = None
         request.state.browser = None
-        if not path.startswith("/static/"):
+        if _needs_session(request):
             request.state.browser, new_cookie = await run_in_threadpool(
                 _resolve, request, request.app.state.settings
             )

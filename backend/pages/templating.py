@@ -17,7 +17,7 @@ TEMPLATES_DIR = FRONTEND_DIR / "templates"
 STATIC_DIR = FRONTEND_DIR / "static"
 
 
-def _shared_context(request: Request) -> dict[str, Any]:
+def shared_context(request: Request) -> dict[str, Any]:
     settings = request.app.state.settings
     browser = getattr(request.state, "browser", None)
     return {
@@ -63,10 +63,12 @@ def format_time(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "–"
 
 
-templates = Jinja2Templates(directory=TEMPLATES_DIR, context_processors=[_shared_context])
+templates = Jinja2Templates(directory=TEMPLATES_DIR, context_processors=[shared_context])
 templates.env.filters.update(
     duration=format_duration, number=format_number, filesize=format_bytes, utc=format_time
 )
+
+
 def model_label(spec: Mapping[str, Any] | None) -> str:
     """`mlp hidden=[16]` for a model spec of a config."""
     if not spec:

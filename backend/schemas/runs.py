@@ -102,6 +102,9 @@ class PairReport(BaseModel):
         description="Learned projection the loss adds, e.g. 'Linear(16→64)'; None when the "
         "shapes already match."
     )
+    formula: str = Field(
+        default="", description="The loss term as it will be computed (adapter included)."
+    )
 
 
 class MemoryEstimate(BaseModel):
@@ -121,6 +124,10 @@ class ValidationReport(BaseModel):
     config: dict[str, Any] = Field(description="The resolved config, defaults filled in.")
     pairs: list[PairReport]
     memory: MemoryEstimate
+    loss_formula: str = Field(
+        default="",
+        description="The total loss the run will optimise, as the trainer will log it.",
+    )
 
 
 # --------------------------------------------------------------------------- worker routes

@@ -35,7 +35,9 @@ def split_name(name: str) -> tuple[Loc, str]:
 
 def _number(text: str) -> int | float:
     value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+    return (
+        int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+    )
 
 
 def parse_value(text: str, kind: str, loc: Loc) -> Any:

@@ -26,6 +26,7 @@ STRUCTURAL = {
     ("teacher", "name"),
     ("distill", "balancer", "name"),
 }
+KIND_SECTIONS = {("teacher",), ("distill",)}  # present exactly when kind is distill
 HIDDEN = {("schema_version",), ("distill", "pairs"), ("teacher", "weights")}  # own editors
 CATALOG_NAMES = {("dataset", "name"): "datasets", ("student", "name"): "models",
                  ("teacher", "name"): "models"}  # fmt: skip
@@ -101,7 +102,7 @@ def scalar_field(
     schema, nullable = _resolve(schema, defs)
     name = str(loc[-1])
     present = value if value is not None else schema.get("default")
-    base = {
+    base: dict[str, Any] = {
         "loc": loc,
         "label": _label(name, schema),
         "description": schema.get("description"),
@@ -134,9 +135,10 @@ def scalar_field(
                          placeholder="e.g. 64, 32")  # fmt: skip
     if kind_of == "string":
         return FormField(**base, widget="text", value=_text(present, "str"))
+    example = "none" if nullable else "JSON, e.g. 0.5 or [0.3, 0.2]"
     return FormField(**base, widget="textarea", kind="json",
                      value="" if present in (None, {}) and nullable else _text(present, "json"),
-                     placeholder="JSON, e.g. 0.5 or [0.3, 0.2]")  # fmt: skip
+                     placeholder=example)  # fmt: skip
 
 
 def object_fields(
@@ -155,17 +157,23 @@ def object_fields(
             fields.extend(taken)
             continue
         value = values.get(name) if isinstance(values, dict) else None
-        inner, _ = _resolve(prop, defs)
-        if inner.get("type") == "object" and inner.get("properties"):
+        inner, nullable = _resolve(prop, defs)
+        # an optional object (null by default) stays one JSON field, empty meaning null; the
+        # teacher and distill sections are null only by kind, which decides whether they show
+        optional = nullable and tuple(sub) not in KIND_SECTIONS
+        if inner.get("type") == "object" and inner.get("properties") and not optional:
             children = object_fields(sub, inner, value or {}, defs, hooks)
-            fields.append(FormField(sub, _label(name, inner), "group",
-                                    description=inner.get("description"), children=children))  # fmt: skip
+            fields.append(FormField(sub, _label(name, {}), "group",
+                                    description=prop.get("description") or inner.get("description"),
+                                    children=children))  # fmt: skip
         else:
             fields.append(scalar_field(sub, prop, value, name in required, defs))
     return fields
 
 
-def params_fields(loc: Loc, schema: dict[str, Any] | None, values: dict[str, Any]) -> list[FormField]:
+def params_fields(
+    loc: Loc, schema: dict[str, Any] | None, values: dict[str, Any]
+) -> list[FormField]:
     """The params fieldset of a catalog entry, from its params JSON Schema."""
     if not schema:
         return [FormField(loc, "Params", "textarea", kind="json", value=_text(values or {}, "json"),
@@ -218,7 +226,9 @@ def layer_choices(layers: list[Layer] | None) -> list[LayerChoice]:
     for layer in layers:
         shape = "×".join(map(str, layer.output_shape)) if layer.output_shape else "no tensor"
         title = "(model output)" if layer.name == "" else layer.name
-        choices.append(LayerChoice(layer.name, f"{title} · {layer.type} · {shape}", layer.output_shape))
+        choices.append(
+            LayerChoice(layer.name, f"{title} · {layer.type} · {shape}", layer.output_shape)
+        )
     return choices
 
 

@@ -34,6 +34,7 @@ from backend.services.auth import create_token
 from backend.services.catalog import pydantic_errors
 from backend.services.validation import CheckedConfig, check_config
 from backend.settings import Settings
+from worker.loss_formula import describe_from_config, loss_formula
 
 LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000
@@ -99,10 +100,17 @@ def validate(session: Session, settings: Settings, data: Any) -> ValidationRepor
     session.rollback()  # no transaction (SQLite: the write lock) while models are probed
     checked = check_config(session, settings, data)
     session.rollback()
+    config = checked.config
+    described = (
+        describe_from_config(config, [p.formula for p in checked.pairs])
+        if config.kind == "distill"
+        else None
+    )
     return ValidationReport(
-        config=checked.config.model_dump(mode="json"),
+        config=config.model_dump(mode="json"),
         pairs=checked.pairs,
         memory=checked.memory,
+        loss_formula=loss_formula(config, described)["formula"],
     )
 
 
@@ -208,9 +216,7 @@ def list_runs(
         escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Run.name.ilike(f"%{escaped}%", escape="\\"))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(*order).limit(limit).offset(offset)
-    ).unique()
+    rows = session.scalars(query.order_by(*order).limit(limit).offset(offset)).unique()
     return RunList(runs=[run_out(r) for r in rows], total=total)
 
 
@@ -355,7 +361,9 @@ def read_log_events(
         RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
     )
     if after_id is not None:
-        rows = session.execute(query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(tail))
+        rows = session.execute(
+            query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(tail)
+        )
         return [(event_id, line) for event_id, line in rows]
     rows = session.execute(query.order_by(RunEvent.id.desc()).limit(tail))
     return [(event_id, line) for event_id, line in rows][::-1]

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 SESSION_SECONDS = 7 * 24 * 3600
 OPEN = "open"  # the `th` of a session on an open-access server (no token configured)
+
+
+SessionSource = Session | Callable[[], Session]  # a session, or a factory opened on demand
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,20 @@ def csrf_token(settings: Settings, sid: str) -> str:
     return _sign(_secret(settings), f"csrf|{sid}".encode()).rstrip("=")
 
 
-def _token_valid(session: Session, settings: Settings, token_hash: str) -> bool:
+def _token_valid(session: SessionSource, settings: Settings, token_hash: str) -> bool:
+    """The token still signs in: the open default, KDLAB_TOKEN, or an unrevoked admin token
+    (the only case that reads the database)."""
     if token_hash == OPEN:
         return settings.open_access
     if settings.token is not None and hmac.compare_digest(token_hash, hash_token(settings.token)):
         return True
+    if callable(session):  # a session factory: open one only now
+        with session() as opened:
+            return _admin_token_exists(opened, token_hash)
+    return _admin_token_exists(session, token_hash)
+
+
+def _admin_token_exists(session: Session, token_hash: str) -> bool:
     row = session.scalar(
         select(ApiToken.id).where(
             ApiToken.token_hash == token_hash,
@@ -83,10 +96,13 @@ def _token_valid(session: Session, settings: Settings, token_hash: str) -> bool:
             ApiToken.revoked_at.is_(None),
         )
     )
+    session.rollback()
     return row is not None
 
 
-def encode(settings: Settings, token_hash: str, now: float | None = None) -> tuple[str, BrowserSession]:
+def encode(
+    settings: Settings, token_hash: str, now: float | None = None
+) -> tuple[str, BrowserSession]:
     """A new session for `token_hash`: (cookie value, the session)."""
     sid = secrets.token_urlsafe(24)
     expires = int((now or time.time()) + SESSION_SECONDS)
@@ -96,7 +112,7 @@ def encode(settings: Settings, token_hash: str, now: float | None = None) -> tup
     return value, BrowserSession(sid, expires, token_hash, csrf_token(settings, sid))
 
 
-def decode(session: Session, settings: Settings, cookie: str | None) -> BrowserSession | None:
+def decode(session: SessionSource, settings: Settings, cookie: str | None) -> BrowserSession | None:
     """The session a cookie carries, or None when it is missing, forged, expired or its token
     no longer signs in."""
     if not cookie or "." not in cookie:
@@ -119,7 +135,9 @@ def sign_in(session: Session, settings: Settings, token: str) -> tuple[str, Brow
     """Check an admin token typed into the sign-in page; Unauthorized in words otherwise."""
     token = token.strip()
     if not token:
-        raise Unauthorized("Enter the server's token (KDLAB_TOKEN or one from `kdlab token create`).")
+        raise Unauthorized(
+            "Enter the server's token (KDLAB_TOKEN or one from `kdlab token create`)."
+        )
     try:
         principal = authenticate(session, settings, f"Bearer {token}")
     except Unauthorized:

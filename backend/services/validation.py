@@ -254,6 +254,7 @@ def _check_pairs(
                 student_shape=_shape(s_out),
                 teacher_shape=_shape(t_out),
                 adapter=describe_adapter(loss),
+                formula=loss.describe(),
             )
         )
     return reports, learned
