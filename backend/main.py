@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
@@ -106,4 +106,9 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     for page in (runs_page, launch_page, run_page, compare_page, signin):
         app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
     return app
+
+
+def _favicon() -> Response:
+    return RedirectResponse("/static/img/favicon.svg", status_code=308)

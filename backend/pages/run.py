@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from backend.api.deps import SessionDep, SettingsDep
 from backend.pages.security import verify_csrf
+from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import is_fragment_request, render, shared_context, templates
 from backend.schemas.runs import FINISHED, RunOut
 from backend.services import artifacts as artifact_service
@@ -24,13 +25,13 @@ from backend.services import metrics as metric_service
 from backend.services import run_views
 from backend.services import runs as service
 from backend.services.auth import ADMIN
+from backend.services.runs import sse_message
 from worker.kd.distillation_model import pair_key
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
 LOG_TAIL = 200
 HEAD_CONTEXT = ("run", "row", "meta", "teacher", "baseline", "artifacts")  # run_head's arguments
-LIVE_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -175,10 +176,6 @@ def _live_state(
     return head, lines, bool(context["finished"])
 
 
-def _sse(event: str, text: str) -> str:
-    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
-
-
 async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIterator[str]:
     factory = request.app.state.session_factory
     shared = shared_context(request)  # what the macro reads besides its arguments
@@ -189,16 +186,17 @@ async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIte
         )
         if head != last_head:
             last_head = head
-            yield _sse("update", head)
+            yield sse_message("update", head)
         shown = [line for _, line in lines if not line.startswith(run_views.METADATA_PREFIX)]
         if shown:
-            yield _sse("log", "".join(html.escape(line) + "\n" for line in shown))
+            yield sse_message("log", "".join(html.escape(line) + "\n" for line in shown))
         if lines:
             after_id = lines[-1][0]
         if finished and len(lines) < 1000:
-            yield _sse("end", "done")
+            yield sse_message("end", "done")
+            await linger(request)
             return
-        await asyncio.sleep(LIVE_POLL_SECONDS)
+        await asyncio.sleep(POLL_SECONDS)
 
 
 @router.get("/runs/{run_id}/live")
@@ -206,7 +204,4 @@ def live(request: Request, run_id: str, session: SessionDep, after: int = 0) -> 
     """SSE for the run page: `update` (the head, out of band), `log` lines after `after`."""
     service.get_run(session, run_id)
     session.close()
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(
-        _live_stream(request, run_id, after), media_type="text/event-stream", headers=headers
-    )
+    return event_stream(_live_stream(request, run_id, after))

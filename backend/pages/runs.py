@@ -17,10 +17,12 @@ from backend.api.deps import SessionDep
 from backend.db.models import Experiment, Run
 from backend.errors import Invalid
 from backend.pages.security import verify_csrf
+from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import render, templates
 from backend.schemas.runs import RunStatus
 from backend.services import run_views
 from backend.services import runs as service
+from backend.services.runs import sse_message
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
@@ -35,7 +37,6 @@ SORT_CHOICES = [
     ("kind", "Kind"),
 ]
 STATUSES: tuple[str, ...] = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
-LIVE_POLL_SECONDS = 1.0
 
 
 def _filters_query(filters: dict[str, object], **changes: object) -> str:
@@ -129,12 +130,12 @@ async def _live_stream(request: Request, ids: list[str], status_only: bool) -> A
         changed = [html for run_id, html in cells.items() if sent.get(run_id) != html]
         sent.update(cells)
         if changed:
-            data = "\n".join(f"data: {line}" for line in "".join(changed).splitlines())
-            yield f"event: update\n{data}\n\n"
+            yield sse_message("update", "".join(changed))
         if not active:
-            yield "event: end\ndata: done\n\n"
+            yield sse_message("end", "done")
+            await linger(request)
             return
-        await asyncio.sleep(LIVE_POLL_SECONDS)
+        await asyncio.sleep(POLL_SECONDS)
 
 
 @router.get("/live/runs")
@@ -142,9 +143,4 @@ def live_runs(request: Request, ids: str = "", only: str | None = None) -> Strea
     """SSE for the runs table: the status, progress, duration and accuracy cells of `ids`
     (`only=status`: just the status badges, for the compare page)."""
     run_ids = [i for i in dict.fromkeys(ids.split(",")) if i][:PAGE_SIZE]
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(
-        _live_stream(request, run_ids, only == "status"),
-        media_type="text/event-stream",
-        headers=headers,
-    )
+    return event_stream(_live_stream(request, run_ids, only == "status"))

@@ -386,7 +386,8 @@ def append_logs(session: Session, run_id: str, body: LogAppend) -> int:
 # --------------------------------------------------------------------------- server-sent events
 
 
-def _sse(event: str, data: str, event_id: int | None = None) -> str:
+def sse_message(event: str, data: str, event_id: int | None = None) -> str:
+    """One server-sent event (a multi-line `data` becomes several `data:` lines)."""
     lines = [f"id: {event_id}"] if event_id is not None else []
     lines.append(f"event: {event}")
     lines += [f"data: {part}" for part in data.split("\n")]
@@ -430,7 +431,7 @@ def event_stream(
         with factory() as session:
             run = session.get(Run, run_id)
             if run is None:
-                yield _sse("end", json.dumps({"detail": f"run {run_id!r} not found"}))
+                yield sse_message("end", json.dumps({"detail": f"run {run_id!r} not found"}))
                 return
             view = run_out(run)
             query = select(RunEvent.id, RunEvent.message).where(
@@ -454,14 +455,14 @@ def event_stream(
         chunks = []
         if _status_key(view) != last_key:
             last_key = _status_key(view)
-            chunks.append(_sse("status", view.model_dump_json()))
+            chunks.append(sse_message("status", view.model_dump_json()))
         for event_id, message in rows:
-            chunks.append(_sse("log", message, event_id))
+            chunks.append(sse_message("log", message, event_id))
         backlog = after_id is not None and len(rows) == 1000  # more lines are waiting
         after_id = rows[-1][0] if rows else (after_id or 0)
         finished = view.status in FINISHED and not backlog
         if finished:
-            chunks.append(_sse("end", json.dumps({"status": view.status})))
+            chunks.append(sse_message("end", json.dumps({"status": view.status})))
         if chunks:
             last_sent = time.monotonic()
             yield "".join(chunks)
