@@ -59,7 +59,8 @@ export function selectionRange(left, width, posToVal) {
 export function fetchPlan(win, mode, runs, origins) {
   const x = mode === "step" ? "step" : "time";
   if (!win) return { x, requests: [{ runs, range: null }] };
-  if (mode !== "relative") return { x, requests: [{ runs, range: { min: win.xmin, max: win.xmax } }] };
+  if (mode !== "relative")
+    return { x, requests: [{ runs, range: { min: win.xmin, max: win.xmax } }] };
   const requests = [];
   for (const run of runs) {
     const t0 = origins.get(run);

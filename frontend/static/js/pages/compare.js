@@ -3,7 +3,8 @@
 //   <main data-page="compare">
 //     <form id="compare-controls"> smooth (range + output), x (select), log (checkbox),
 //       key checkboxes (name="key") </form>
-//     <ul id="compare-runs"><li data-run-id data-run-name data-status>…</li></ul>
+//     <ul id="compare-runs"><li data-run-id data-run-name data-status>
+//       … <span id="run-<id>-status" data-status>…</span> (swapped by htmx over SSE) </li></ul>
 //     <div id="compare-charts"></div>
 //     <script type="application/json" id="compare-configs">[{"id","name","config"}]</script>
 //     <div id="config-diff"></div>
@@ -25,6 +26,15 @@ function readRuns() {
   }));
 }
 
+/**
+ * A run's status now: its `#run-<id>-status` badge, which the SSE listener swaps out of band
+ * (the li's own data-status is the page's first render and stays so), else the li's.
+ */
+function statusOf(run) {
+  const badge = document.getElementById(`run-${run.id}-status`);
+  return badge?.dataset.status || run.li.dataset.status;
+}
+
 // ---- config diff ------------------------------------------------------------------------
 
 function readConfigs() {
@@ -38,10 +48,13 @@ function readConfigs() {
   }
 }
 
-/** How a config value reads in a cell; `undefined` (the run has no such field) is "—". */
-export function cellText(value) {
+/**
+ * How a config value reads in a cell; `undefined` (the run has no such field) is "—". In a
+ * section's row (config-diff.js) null means the run has no such section: "none".
+ */
+export function cellText(value, section = false) {
   if (value === undefined) return "—";
-  if (value === null) return "null";
+  if (value === null) return section ? "none" : "null";
   return String(value);
 }
 
@@ -76,13 +89,13 @@ function renderConfigDiff() {
     const title = th(body.insertRow(), group, "rowgroup");
     title.colSpan = configs.length + 1;
     title.className = "config-group-title";
-    for (const { path, values } of rows) {
+    for (const { path, values, section } of rows) {
       const row = body.insertRow();
       th(row, path, "row");
       for (const v of values) {
         const td = row.insertCell();
-        td.textContent = cellText(v);
-        if (v === undefined) td.className = "absent";
+        td.textContent = cellText(v, section);
+        if (v === undefined || (section && v === null)) td.className = "absent";
       }
     }
   }
@@ -280,7 +293,7 @@ function start() {
   syncPanels();
 
   // live runs keep appending: refresh while any is queued/starting/running, then once more
-  const anyLive = () => readRuns().some((r) => LIVE.has(r.li.dataset.status));
+  const anyLive = () => readRuns().some((r) => LIVE.has(statusOf(r)));
   if (anyLive()) {
     const timer = setInterval(() => {
       if (document.hidden) return;
