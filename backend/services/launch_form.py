@@ -99,12 +99,12 @@ def scalar_field(
     loc: Loc, schema: dict[str, Any], value: Any, required: bool, defs: dict[str, Any]
 ) -> FormField:
     """One input for a schema node that is not an object with properties."""
+    label = _label(str(loc[-1]), {"title": schema.get("title")})  # the property's, not its type's
     schema, nullable = _resolve(schema, defs)
-    name = str(loc[-1])
     present = value if value is not None else schema.get("default")
     base: dict[str, Any] = {
         "loc": loc,
-        "label": _label(name, schema),
+        "label": label,
         "description": schema.get("description"),
         "required": required and not nullable,
         "structural": tuple(loc) in STRUCTURAL,
