@@ -74,6 +74,7 @@ def test_points_are_stored_and_read_back(client, db_session):
                 "value": [2.5, 1.25],
                 "min": [2.5, 1.25],
                 "max": [2.5, 1.25],
+                "points": 2,
             }
         ]
     }

@@ -12,6 +12,7 @@ from backend.db.models import Artifact, Upload
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
 from worker import catalog
 from worker.config import ModelSpec, SchedulerSpec
+from worker.kd.losses import LogitsKL
 
 DIGITS_INFO = catalog.DataInfo("classification", 10, (64,), torch.float32)
 
@@ -50,8 +51,15 @@ def test_validate_resolves_defaults_shapes_and_memory(client):
             "student_shape": [2, 10],
             "teacher_shape": [2, 10],
             "adapter": None,
+            "formula": LogitsKL(temperature=4.0).describe(),
         }
     ]
+    # 0.7 on the KD term, 1 − 0.7 on cross-entropy, as the trainer will log it
+    kd_term = LogitsKL(temperature=4.0).describe()
+    assert body["loss_formula"] == (
+        "total = 0.3·[cross_entropy(student_logits, labels), mean over labels != -100]"
+        f" + 0.7·[{kd_term}]"
+    )
     memory = body["memory"]
     student_bytes = independent_param_bytes("mlp", {"hidden": [16]})
     teacher_bytes = independent_param_bytes("mlp", {"hidden": [64]})
