@@ -84,7 +84,12 @@ def _serve(args: argparse.Namespace) -> int:
         _seed_demo(settings)
     app = create_app(settings, demo=demo)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"KD Lab on http://{host}:{settings.port}/ (data in {settings.data_path})", flush=True)
+    base = f"http://{host}:{settings.port}"
+    print(f"KD Lab on {base}/ (data in {settings.data_path})", flush=True)
+    if demo:
+        from backend.pages.compare import demo_view
+
+        print(f"demo: watch it at {base}{demo_view()}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port)
     return 0
 

@@ -16,12 +16,14 @@ from starlette.responses import Response, StreamingResponse
 from backend.api.deps import SessionDep
 from backend.db.models import Experiment, Run
 from backend.errors import Invalid
+from backend.pages.compare import demo_view
 from backend.pages.security import verify_csrf
 from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import render, templates
 from backend.schemas.runs import RunStatus
 from backend.services import run_views
 from backend.services import runs as service
+from backend.services.dispatch import DEMO_EXPERIMENT
 from backend.services.runs import sse_message
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
@@ -84,6 +86,7 @@ def runs_page(
         "sort": sort if sort != service.DEFAULT_SORT else None,
     }
     pages = max(1, -(-listing.total // PAGE_SIZE))
+    experiments = list(session.scalars(select(Experiment.name).order_by(Experiment.name)))
     context = {
         "nav": "runs",
         "rows": rows,
@@ -96,7 +99,8 @@ def runs_page(
         "prev_query": _filters_query(filters, page=page - 1) if page > 1 else None,
         "next_query": _filters_query(filters, page=page + 1) if page < pages else None,
         "live_ids": ",".join(r.run.id for r in rows if r.active),
-        "experiments": session.scalars(select(Experiment.name).order_by(Experiment.name)).all(),
+        "experiments": experiments,
+        "demo_view": demo_view() if DEMO_EXPERIMENT in experiments else None,
         "statuses": STATUSES,
         "sorts": SORT_CHOICES,
         "sort": sort,

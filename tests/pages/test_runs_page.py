@@ -122,3 +122,15 @@ def test_paging_10000_runs_costs_the_same_queries_as_10(
     assert many == few
     assert "Page 200 of 200" in text and "9951–10000 of 10000 runs" in text
     assert "run-00049" in text and "run-00000" in text  # newest first: page 200 holds the oldest
+
+
+def test_compare_by_experiment_lists_its_runs(client: TestClient, db_session: Session) -> None:
+    first = create_run(db_session, name="first", experiment="demo", status="succeeded")
+    second = create_run(db_session, name="second", experiment="demo", status="running")
+    create_run(db_session, name="elsewhere", experiment="other")
+    page = client.get("/compare?experiment=demo")
+    assert page.status_code == 200
+    ids = re.findall(r'<li data-run-id="([^"]+)"', page.text)
+    assert ids == [first.id, second.id]  # oldest first, nothing from another experiment
+    assert "Compare the runs of demo" in page.text
+    assert client.get("/compare?experiment=nothing-here").status_code == 404

@@ -2,12 +2,15 @@
 // Pure: no DOM (takes and returns strings).
 //
 //   ?run=a&run=b&key=train/loss_total&key=eval/acc&x=time&log=1&smooth=0.6&xmin=100&xmax=250
+//   ?experiment=demo-digits&key=eval/student_acc   (every run of an experiment, as it grows)
 //
 // Flat readable keys in a fixed order, defaults omitted, floats rounded. Decoding also accepts
 // comma lists (`runs=a,b`, `keys=k1,k2`, as /api/compare takes them) and drops invalid values.
 
 export const X_MODES = ["step", "time", "relative"];
 export const MAX_SMOOTH = 0.99;
+/** Experiment names: 1–200 characters (worker/config.py ExperimentName). */
+const MAX_EXPERIMENT = 200;
 
 /** Metric keys as the backend stores them (backend/schemas/metrics.py KEY_PATTERN). */
 const KEY_PATTERN = /^[A-Za-z0-9_./~-]{1,250}$/;
@@ -15,13 +18,23 @@ const KEY_PATTERN = /^[A-Za-z0-9_./~-]{1,250}$/;
 const RUN_PATTERN = /^[A-Za-z0-9_.:-]{1,64}$/;
 
 /**
- * @typedef {{runs: string[], keys: string[], x: "step"|"time"|"relative", log: boolean,
- *   smooth: number, xmin: number|null, xmax: number|null}} CompareState
+ * @typedef {{experiment: string|null, runs: string[], keys: string[],
+ *   x: "step"|"time"|"relative", log: boolean, smooth: number, xmin: number|null,
+ *   xmax: number|null}} CompareState
  */
 
 /** @returns {CompareState} */
 export function defaultCompareState() {
-  return { runs: [], keys: [], x: "step", log: false, smooth: 0, xmin: null, xmax: null };
+  return {
+    experiment: null,
+    runs: [],
+    keys: [],
+    x: "step",
+    log: false,
+    smooth: 0,
+    xmin: null,
+    xmax: null,
+  };
 }
 
 function list(params, single, plural, pattern) {
@@ -56,6 +69,8 @@ function smoothOf(value) {
 export function decodeCompareState(search) {
   const params = new URLSearchParams(search ?? "");
   const state = defaultCompareState();
+  const experiment = (params.get("experiment") ?? "").trim();
+  if (experiment && experiment.length <= MAX_EXPERIMENT) state.experiment = experiment;
   state.runs = list(params, "run", "runs", RUN_PATTERN);
   state.keys = list(params, "key", "keys", KEY_PATTERN);
   const x = params.get("x");
@@ -95,13 +110,15 @@ const enc = (text) => encodeURIComponent(text).replace(/%2F/gi, "/");
 
 /**
  * The query string (no leading "?"; "" for the default view) in the fixed order
- * run…, key…, x, log, smooth, xmin, xmax — defaults omitted.
+ * experiment or run…, key…, x, log, smooth, xmin, xmax — defaults omitted. An experiment
+ * stands for its runs (the server lists them), so a link keeps showing runs added later.
  * @param {Partial<CompareState>} state
  * @returns {string}
  */
 export function encodeCompareState(state) {
   const parts = [];
-  for (const run of state.runs ?? []) parts.push(`run=${enc(run)}`);
+  if (state.experiment) parts.push(`experiment=${enc(state.experiment)}`);
+  else for (const run of state.runs ?? []) parts.push(`run=${enc(run)}`);
   for (const key of state.keys ?? []) parts.push(`key=${enc(key)}`);
   if (X_MODES.includes(state.x) && state.x !== "step") parts.push(`x=${state.x}`);
   if (state.log) parts.push("log=1");

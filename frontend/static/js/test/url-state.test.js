@@ -10,6 +10,7 @@ import {
 describe("decodeCompareState", () => {
   test("empty query gives the defaults", () => {
     const defaults = {
+      experiment: null,
       runs: [],
       keys: [],
       x: "step",
@@ -28,6 +29,7 @@ describe("decodeCompareState", () => {
       "?run=a1&run=b2&key=train/loss_total&key=eval%2Faccuracy&x=time&log=1&smooth=0.6&xmin=10&xmax=20.5",
     );
     assert.deepEqual(state, {
+      experiment: null,
       runs: ["a1", "b2"],
       keys: ["train/loss_total", "eval/accuracy"],
       x: "time",
@@ -49,6 +51,7 @@ describe("decodeCompareState", () => {
       "x=bogus&log=maybe&smooth=2&xmin=abc&xmax=5&key=bad%20key&key=ok&run=%3Cscript%3E",
     );
     assert.deepEqual(state, {
+      experiment: null,
       runs: [],
       keys: ["ok"],
       x: "step",
@@ -145,10 +148,26 @@ describe("encodeCompareState", () => {
   });
 });
 
+describe("experiment views", () => {
+  test("an experiment stands for its runs in the URL", () => {
+    const state = decodeCompareState("?experiment=demo-digits&key=eval/student_acc");
+    assert.equal(state.experiment, "demo-digits");
+    state.runs = ["r1", "r2"]; // the page lists the experiment's runs
+    assert.equal(encodeCompareState(state), "experiment=demo-digits&key=eval/student_acc");
+  });
+
+  test("a blank or overlong experiment is ignored", () => {
+    assert.equal(decodeCompareState("?experiment=%20").experiment, null);
+    assert.equal(decodeCompareState(`?experiment=${"x".repeat(201)}`).experiment, null);
+    assert.equal(encodeCompareState({ experiment: null, runs: ["a"] }), "run=a");
+  });
+});
+
 describe("round trip", () => {
   const states = [
     defaultCompareState(),
     {
+      experiment: null,
       runs: ["0123456789abcdef", "fedcba9876543210"],
       keys: ["train/loss_total", "train/kd/output~output"],
       x: "time",
@@ -157,8 +176,26 @@ describe("round trip", () => {
       xmin: 1733046000.12,
       xmax: 1733049600.46,
     },
-    { runs: ["a"], keys: [], x: "relative", log: false, smooth: 0.01, xmin: 0, xmax: 90.5 },
-    { runs: [], keys: ["k"], x: "step", log: false, smooth: 0, xmin: 1e21, xmax: 3e21 },
+    {
+      experiment: null,
+      runs: ["a"],
+      keys: [],
+      x: "relative",
+      log: false,
+      smooth: 0.01,
+      xmin: 0,
+      xmax: 90.5,
+    },
+    {
+      experiment: null,
+      runs: [],
+      keys: ["k"],
+      x: "step",
+      log: false,
+      smooth: 0,
+      xmin: 1e21,
+      xmax: 3e21,
+    },
   ];
   for (const state of states) {
     test(`decode(encode(s)) = s for ${JSON.stringify(state)}`, () => {
