@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from backend.db.engine import session_scope
 from backend.errors import Forbidden
+from backend.schemas.runs import RunStatus
 from backend.services import sessions
 from backend.services.auth import ADMIN, Principal, authenticate
+from backend.services.runs import DEFAULT_SORT
 from backend.settings import Settings
 
 
@@ -48,3 +51,30 @@ def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Princi
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+@dataclass
+class RunFilters:
+    """The filters and order of a run list, from the query (`GET /api/runs` and the runs page);
+    blank values mean no filter."""
+
+    experiment: str | None = None
+    status: Annotated[list[RunStatus] | None, Query()] = None
+    kind: str | None = None
+    q: Annotated[str | None, Query(description="Part of the run name (any case).")] = None
+    sort: Annotated[
+        str,
+        Query(description="created, name, status, kind or experiment; a leading - reverses."),
+    ] = DEFAULT_SORT
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment or None,
+            "status": list(self.status) if self.status else None,
+            "kind": self.kind or None,
+            "q": (self.q or "").strip() or None,
+            "sort": self.sort,
+        }
+
+
+RunFiltersDep = Annotated[RunFilters, Depends()]

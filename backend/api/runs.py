@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from backend.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from backend.api.deps import AdminDep, PrincipalDep, RunFiltersDep, SessionDep, SettingsDep
 from backend.schemas.runs import (
     CloneRequest,
     ExternalRunCreated,
@@ -17,7 +17,6 @@ from backend.schemas.runs import (
     LogLines,
     RunList,
     RunOut,
-    RunStatus,
     StatusReport,
     ValidationReport,
 )
@@ -71,28 +70,12 @@ def validate_run(
 def list_runs(
     session: SessionDep,
     _: AdminDep,
-    experiment: str | None = None,
-    status: Annotated[list[RunStatus] | None, Query()] = None,
-    kind: str | None = None,
-    q: Annotated[str | None, Query(description="Part of the run name (any case).")] = None,
-    sort: Annotated[
-        str,
-        Query(description="created, name, status, kind or experiment; a leading - reverses."),
-    ] = service.DEFAULT_SORT,
+    filters: RunFiltersDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RunList:
-    """Runs, newest first; `status` may repeat."""
-    return service.list_runs(
-        session,
-        experiment=experiment,
-        status=list(status) if status else None,
-        kind=kind,
-        q=q,
-        sort=sort,
-        limit=limit,
-        offset=offset,
-    )
+    """Runs, newest first unless `sort` says otherwise; `status` may repeat."""
+    return service.list_runs(session, **filters.as_kwargs(), limit=limit, offset=offset)
 
 
 @router.get("/{run_id}")

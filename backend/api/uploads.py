@@ -49,15 +49,20 @@ async def create_upload(
     or one under a `state_dict` or `model` key). Either way the stored file is safetensors and
     `sha256`/`size` describe it. A file over the upload limit gets 413 and nothing is kept.
     """
+    return _out(await receive_upload(request, session, settings))
+
+
+async def receive_upload(request: Request, session: SessionDep, settings: SettingsDep) -> Upload:
+    """Stream the request's multipart body into `service.create_upload` (also the launch
+    form's upload button)."""
     length = request.headers.get("content-length")
-    upload = await service.create_upload(
+    return await service.create_upload(
         session,
         settings,
         request.headers.get("content-type"),
         request.stream(),
         int(length) if length and length.isdigit() else None,
     )
-    return _out(upload)
 
 
 @router.get("/uploads")

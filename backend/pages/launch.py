@@ -5,7 +5,9 @@ their fields; submit → the new run's page."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,13 +15,13 @@ from starlette.datastructures import FormData
 from starlette.responses import Response
 
 from backend.api.deps import SessionDep, SettingsDep
+from backend.api.uploads import receive_upload
 from backend.errors import Invalid
 from backend.pages.launch_context import DEFAULT_DRAFT, apply_action, form_context
 from backend.pages.security import verify_csrf
 from backend.pages.templating import is_fragment_request, render
 from backend.services import form_codec, recipes
 from backend.services import runs as service
-from backend.services import uploads as upload_service
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
@@ -128,29 +130,42 @@ def refresh_form(request: Request, session: SessionDep, settings: SettingsDep) -
     return _form(request, session, settings, form, form.errors)
 
 
+def _attempt(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    form: Submitted,
+    action: Callable[[dict[str, Any]], Any],
+) -> Any:
+    """`action(draft)`, or the form again with each error beside its field (a 422 Response)."""
+    errors = form.errors
+    if not errors:
+        try:
+            return action(form.draft)
+        except Invalid as err:
+            errors = _errors_by_path(err)
+    return _form(request, session, settings, form, errors, status_code=422)
+
+
 @router.post("/runs/new/validate")
 async def validate(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     """Every check of a launch without launching: pair shapes, the loss formula in effect and
     the memory estimate, or each error beside its field (422)."""
     form = _submitted(_items(await request.form()))
-    if form.errors:
-        return _form(request, session, settings, form, form.errors, status_code=422)
-    try:
-        report = service.validate(session, settings, form.draft)
-    except Invalid as err:
-        return _form(request, session, settings, form, _errors_by_path(err), status_code=422)
+    report = _attempt(
+        request, session, settings, form, partial(service.validate, session, settings)
+    )
+    if isinstance(report, Response):
+        return report
     return _form(request, session, settings, form, {}, report=report)
 
 
 @router.post("/runs/new")
 async def launch(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     form = _submitted(_items(await request.form()))
-    if form.errors:
-        return _form(request, session, settings, form, form.errors, status_code=422)
-    try:
-        run = service.create_run(session, settings, form.draft)
-    except Invalid as err:
-        return _form(request, session, settings, form, _errors_by_path(err), status_code=422)
+    run = _attempt(request, session, settings, form, partial(service.create_run, session, settings))
+    if isinstance(run, Response):
+        return run
     target = f"/runs/{run.id}"
     if is_fragment_request(request):
         return Response(status_code=204, headers={"HX-Redirect": target})
@@ -165,14 +180,7 @@ async def upload_teacher(
 ) -> Response:
     """Upload teacher weights from the form; answers the teacher-weights picker with the new
     upload chosen."""
-    length = request.headers.get("content-length")
-    upload = await upload_service.create_upload(
-        session,
-        settings,
-        request.headers.get("content-type"),
-        request.stream(),
-        int(length) if length and length.isdigit() else None,
-    )
+    upload = await receive_upload(request, session, settings)
     draft = {"kind": "distill", "teacher": {"weights": {"upload_id": upload.id}}}
     context = form_context(session, settings, draft)
     context["upload_message"] = f"Uploaded {upload.filename} ({upload.tensor_count} tensors)."

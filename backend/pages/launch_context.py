@@ -65,6 +65,14 @@ class PairView:
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
+    def student_options(self) -> list[tuple[str, str]]:
+        return [(c.name, c.label) for c in self.student_choices]
+
+    @property
+    def teacher_options(self) -> list[tuple[str, str]]:
+        return [(c.name, c.label) for c in self.teacher_choices]
+
+    @property
     def mismatch(self) -> bool:
         return (
             self.student_shape is not None
@@ -243,7 +251,7 @@ def form_context(
         "is_distill": is_distill,
         "pairs": pairs,
         "layer_problem": layer_problem,
-        "losses": sorted(catalog.losses),
+        "loss_options": [(name, name) for name in sorted(catalog.losses)],
         "errors": errors,
         "general_errors": general,
         "weights_error": " ".join(errors[k] for k in sorted(weights_paths)) or None,

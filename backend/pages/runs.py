@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, get_args
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response, StreamingResponse
 
-from backend.api.deps import SessionDep
+from backend.api.deps import RunFiltersDep, SessionDep
 from backend.db.models import Experiment, Run
 from backend.errors import Invalid
 from backend.pages.compare import demo_view
@@ -38,7 +38,7 @@ SORT_CHOICES = [
     ("experiment", "Experiment"),
     ("kind", "Kind"),
 ]
-STATUSES: tuple[str, ...] = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
+STATUSES: tuple[str, ...] = get_args(RunStatus)
 
 
 def _filters_query(filters: dict[str, object], **changes: object) -> str:
@@ -55,35 +55,18 @@ def _filters_query(filters: dict[str, object], **changes: object) -> str:
 def runs_page(
     request: Request,
     session: SessionDep,
-    experiment: str | None = None,
-    status: Annotated[list[RunStatus] | None, Query()] = None,
-    kind: str | None = None,
-    q: str | None = None,
-    sort: str = service.DEFAULT_SORT,
+    filters: RunFiltersDep,
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> Response:
-    experiment = experiment or None
-    kind = kind or None
-    q = (q or "").strip() or None
-    if sort not in dict(SORT_CHOICES):
-        raise Invalid.at(["query", "sort"], f"unknown sort {sort!r}")
-    listing = service.list_runs(
-        session,
-        experiment=experiment,
-        status=list(status) if status else None,
-        kind=kind,
-        q=q,
-        sort=sort,
-        limit=PAGE_SIZE,
-        offset=(page - 1) * PAGE_SIZE,
-    )
+    if filters.sort not in dict(SORT_CHOICES):
+        raise Invalid.at(["query", "sort"], f"unknown sort {filters.sort!r}")
+    chosen = filters.as_kwargs()
+    listing = service.list_runs(session, **chosen, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     rows = run_views.summarize(session, listing.runs)
-    filters: dict[str, object] = {
-        "experiment": experiment,
-        "status": list(status or []),
-        "kind": kind,
-        "q": q,
-        "sort": sort if sort != service.DEFAULT_SORT else None,
+    shown: dict[str, object] = {
+        **chosen,
+        "status": chosen["status"] or [],
+        "sort": filters.sort if filters.sort != service.DEFAULT_SORT else None,
     }
     pages = max(1, -(-listing.total // PAGE_SIZE))
     experiments = list(session.scalars(select(Experiment.name).order_by(Experiment.name)))
@@ -94,16 +77,16 @@ def runs_page(
         "page": page,
         "pages": pages,
         "first": (page - 1) * PAGE_SIZE + 1,
-        "filters": filters,
-        "filtered": any(filters[k] for k in ("experiment", "status", "kind", "q")),
-        "prev_query": _filters_query(filters, page=page - 1) if page > 1 else None,
-        "next_query": _filters_query(filters, page=page + 1) if page < pages else None,
+        "filters": shown,
+        "filtered": any(shown[k] for k in ("experiment", "status", "kind", "q")),
+        "prev_query": _filters_query(shown, page=page - 1) if page > 1 else None,
+        "next_query": _filters_query(shown, page=page + 1) if page < pages else None,
         "live_ids": ",".join(r.run.id for r in rows if r.active),
         "experiments": experiments,
         "demo_view": demo_view() if DEMO_EXPERIMENT in experiments else None,
         "statuses": STATUSES,
         "sorts": SORT_CHOICES,
-        "sort": sort,
+        "sort": filters.sort,
     }
     return render(request, "pages/runs.html", context, partial="partials/_runs_table.html")
 
