@@ -12,6 +12,8 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from starlette.responses import Response
 
+from worker import catalog
+
 FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
 TEMPLATES_DIR = FRONTEND_DIR / "templates"
 STATIC_DIR = FRONTEND_DIR / "static"
@@ -70,11 +72,27 @@ templates.env.filters.update(
 
 
 def model_label(spec: Mapping[str, Any] | None) -> str:
-    """`mlp hidden=[16]` for a model spec of a config."""
+    """`mlp hidden=[16]` for a model spec of a config: the entry's first (principal) param and
+    those that differ from the catalog's defaults."""
     if not spec:
         return "–"
-    params = " ".join(f"{k}={v}" for k, v in sorted((spec.get("params") or {}).items()))
-    return f"{spec.get('name', '?')} {params}".strip()
+    name = str(spec.get("name", "?"))
+    params = dict(spec.get("params") or {})
+    try:
+        typed = catalog.params_model("models", name)
+    except (KeyError, ValueError):
+        typed = None
+    if typed is not None:
+        fields = typed.model_fields
+        principal = next(iter(fields), None)
+        defaults = {k: f.default for k, f in fields.items() if not f.is_required()}
+        params = {
+            k: v
+            for k, v in params.items()
+            if k == principal or k not in defaults or defaults[k] != v
+        }
+    shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{name} {shown}".strip()
 
 
 templates.env.globals["model_label"] = model_label
