@@ -96,6 +96,16 @@ class _DataPathParams(Params):
 
 class DigitsParams(Params):
     as_image: bool = Field(default=False, description="Items [1, 8, 8] instead of [64].")
+    n_train: int | None = Field(
+        default=None,
+        ge=10,
+        description=(
+            "Train on only this many labelled examples: a class-stratified subset of the "
+            "training split, chosen by the run seed (the same seed, the same subset). The "
+            "validation split is unchanged, so accuracies stay comparable with full-data runs; "
+            "null = the whole training split."
+        ),
+    )
 
 
 def digits(
@@ -110,7 +120,33 @@ def digits(
     if p.as_image:
         x = x.reshape(-1, 1, 8, 8)
     y = torch.from_numpy(data.target).long()
-    return _tensor_bundle(x, y, _classification_info(10, x), seed, val_fraction)
+    bundle = _tensor_bundle(x, y, _classification_info(10, x), seed, val_fraction)
+    if p.n_train is None:
+        return bundle
+    assert isinstance(bundle.train, Subset)
+    train = labelled_subset(
+        list(bundle.train.indices), data.target, p.n_train, seed, "dataset 'digits'"
+    )
+    return DataBundle(Subset(bundle.train.dataset, train), bundle.val, bundle.info)
+
+
+def labelled_subset(
+    train: list[int], labels: np.ndarray, n: int, seed: int, owner: str
+) -> list[int]:
+    """`n` of the `train` indices, sorted, stratified by `labels`, deterministic in `seed`."""
+    if n > len(train):
+        raise ValueError(
+            f"{owner}: params.n_train={n} is more than the {len(train)} examples of "
+            "the training split; lower it, or leave it null to use them all"
+        )
+    if n == len(train):
+        return sorted(train)
+    from sklearn.model_selection import train_test_split
+
+    kept, _ = train_test_split(
+        np.asarray(train), train_size=n, random_state=seed, stratify=labels[train]
+    )
+    return sorted(kept.tolist())
 
 
 # --------------------------------------------------------------------------- synthetic sets

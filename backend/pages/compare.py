@@ -37,7 +37,7 @@ def _listed(repeated: list[str] | None, joined: str | None) -> list[str]:
 def demo_view() -> str:
     """The compare view `kdlab serve --demo` opens: the demo's runs, accuracy and KD term."""
     query = urlencode([("experiment", DEMO_EXPERIMENT), ("key", "eval/student_acc"),
-                       ("key", "train/loss_student")])  # fmt: skip
+                       ("key", "eval/student_loss")])  # fmt: skip
     return f"/compare?{query}"
 
 

@@ -140,6 +140,29 @@ def test_split_is_deterministic_in_the_seed(digits: DataBundle) -> None:
     assert not torch.equal(stacked(other.val)[0], stacked(digits.val)[0])
 
 
+def test_digits_n_train_keeps_a_stratified_labelled_subset_and_the_same_val_split(
+    digits: DataBundle,
+) -> None:
+    # by hand: 1,797 examples, val_fraction 0.2 → ceil(359.4) = 360 val, 1,797 − 360 = 1,437 train
+    assert (len(digits.train), len(digits.val)) == (1437, 360)
+    small = dataset("digits", n_train=100)
+    assert (len(small.train), len(small.val)) == (100, 360)
+    assert small.val.indices == digits.val.indices  # type: ignore[attr-defined]
+    assert set(small.train.indices) <= set(digits.train.indices)  # type: ignore[attr-defined]
+    _, y = stacked(small.train)
+    # each class is 9.7-10.2% of the training split, so a stratified 100 holds 9..11 of each
+    counts = torch.bincount(y, minlength=DIGITS_CLASSES)
+    assert counts.sum() == 100 and counts.min() >= 9 and counts.max() <= 11
+    again, other = dataset("digits", n_train=100), dataset("digits", seed=1, n_train=100)
+    assert again.train.indices == small.train.indices  # type: ignore[attr-defined]
+    assert other.train.indices != small.train.indices  # type: ignore[attr-defined]
+    assert len(dataset("digits", n_train=1437).train) == 1437  # the whole split is allowed
+    with pytest.raises(ValueError, match=r"n_train=1438 is more than the 1437 examples"):
+        dataset("digits", n_train=1438)
+    with pytest.raises(ValueError, match=r"params.n_train\n.*greater than or equal to 10"):
+        dataset("digits", n_train=5)  # fewer than one per class
+
+
 def test_digits_as_image() -> None:
     bundle = dataset("digits", as_image=True)
     assert bundle.info.input_shape == (1, 8, 8)
