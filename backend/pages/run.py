@@ -166,13 +166,13 @@ def _live_state(
     factory: sessionmaker[Session], run_id: str, after_id: int, shared: dict[str, Any]
 ) -> tuple[str, list[tuple[int, str]], bool]:
     """(head HTML for an out-of-band swap, new log lines, finished)."""
+    macros = templates.env.get_template("macros/run_head.html").make_module(shared)
     with factory() as session:
         context = _context(session, run_id)
         lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
+        args = {name: context[name] for name in HEAD_CONTEXT}
+        head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]  # rows loaded
         session.rollback()
-    macros = templates.env.get_template("macros/run_head.html").make_module(shared)
-    args = {name: context[name] for name in HEAD_CONTEXT}
-    head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]
     return head, lines, bool(context["finished"])
 
 

@@ -74,8 +74,13 @@ templates.env.filters.update(
 def model_label(spec: Mapping[str, Any] | None) -> str:
     """`mlp hidden=[16]` for a model spec of a config: the entry's first (principal) param and
     those that differ from the catalog's defaults."""
+    return " ".join(model_label_parts(spec))
+
+
+def model_label_parts(spec: Mapping[str, Any] | None) -> list[str]:
+    """The words of `model_label` (a page keeps each on one line)."""
     if not spec:
-        return "–"
+        return ["–"]
     name = str(spec.get("name", "?"))
     params = dict(spec.get("params") or {})
     try:
@@ -91,11 +96,11 @@ def model_label(spec: Mapping[str, Any] | None) -> str:
             for k, v in params.items()
             if k == principal or k not in defaults or defaults[k] != v
         }
-    shown = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
-    return f"{name} {shown}".strip()
+    return [name, *(f"{k}={v}" for k, v in sorted(params.items()))]
 
 
 templates.env.globals["model_label"] = model_label
+templates.env.globals["model_label_parts"] = model_label_parts
 
 
 def _vendored(pattern: str) -> str:

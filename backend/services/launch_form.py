@@ -64,7 +64,28 @@ class FormField:
         return ".".join(str(p) for p in self.loc)
 
 
+# Labels the generated titles ("Lr", "Gpus") get wrong; every other field uses its schema title.
+LABELS = {
+    "lr": "Learning rate",
+    "gpus": "GPUs",
+    "kd_weight": "KD weight",
+    "n_train": "Labelled training examples",
+    "ema_decay": "EMA decay",
+    "amp": "Mixed precision",
+    "scale_by_t2": "Scale by T²",
+    "temperature": "Temperature",
+    "as_image": "As image",
+    "val_fraction": "Validation fraction",
+    "n_layer": "Layers",
+    "n_head": "Heads",
+    "n_embd": "Width (n_embd)",
+    "teacher_input_adapter": "Teacher input adapter",
+}
+
+
 def _label(name: str, schema: dict[str, Any]) -> str:
+    if name in LABELS:
+        return LABELS[name]
     return str(schema.get("title") or name.replace("_", " ").capitalize())
 
 
@@ -191,17 +212,19 @@ def loss_param_fields(loc: Loc, item: LossItem | None, values: dict[str, Any]) -
         value = values.get(param.name, param.default)
         default = param.default
         if isinstance(default, bool):
-            fields.append(FormField(sub, param.name, "checkbox", kind="bool", checked=bool(value)))
+            fields.append(FormField(sub, _label(param.name, {}), "checkbox", kind="bool",
+                                    checked=bool(value)))  # fmt: skip
         elif isinstance(default, (int, float)):
             kind = "int" if isinstance(default, int) else "float"
-            fields.append(FormField(sub, param.name, "number", kind=kind, value=_text(value, kind),
+            fields.append(FormField(sub, _label(param.name, {}), "number", kind=kind,
+                                    value=_text(value, kind),
                                     step="1" if kind == "int" else "any",
                                     required=param.required))  # fmt: skip
         elif isinstance(default, str):
-            fields.append(FormField(sub, param.name, "text", value=_text(value, "str")))
+            fields.append(FormField(sub, _label(param.name, {}), "text", value=_text(value, "str")))
         else:
             text = "" if value is None else _text(value, "json")
-            fields.append(FormField(sub, param.name, "textarea", kind="json", value=text,
+            fields.append(FormField(sub, _label(param.name, {}), "textarea", kind="json", value=text,
                                     placeholder="none" if default is None else None,
                                     required=param.required))  # fmt: skip
     return fields

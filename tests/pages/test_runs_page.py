@@ -134,3 +134,23 @@ def test_compare_by_experiment_lists_its_runs(client: TestClient, db_session: Se
     assert ids == [first.id, second.id]  # oldest first, nothing from another experiment
     assert "Compare the runs of demo" in page.text
     assert client.get("/compare?experiment=nothing-here").status_code == 404
+
+
+def test_the_run_page_stream_renders_a_run_with_files(
+    client: TestClient, db_session: Session
+) -> None:
+    """The live head is rendered while its rows are loaded (a finished run with artifacts)."""
+    from backend.db.models import Artifact
+    from backend.pages.run import _live_state
+
+    run = create_run(db_session, name="with-files", status="succeeded")
+    db_session.add(Artifact(run_id=run.id, name="student.safetensors", kind="student",
+                            sha256="ab" * 32, size=123, path="x"))  # fmt: skip
+    db_session.add(RunEvent(run_id=run.id, kind="log", message="epoch 1 done"))
+    db_session.commit()
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    head, lines, finished = _live_state(factory, run.id, 0, {"mlflow_ui_url": None})
+    assert finished and [line for _, line in lines] == ["epoch 1 done"]
+    assert 'id="run-head" class="run-head"' in head and 'hx-swap-oob="true"' in head
+    assert "student.safetensors" in head and "ab" * 32 in head
+    assert f"/api/runs/{run.id}/student" in head

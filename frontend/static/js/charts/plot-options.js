@@ -13,6 +13,9 @@ const DURATION_INCRS = [
   604800,
 ];
 
+/** Tick spacings for x = step: whole steps only (1, 2, 5 × 10ᵏ), never 27.5. */
+const STEP_INCRS = Array.from({ length: 13 }, (_, k) => [1, 2, 5].map((m) => m * 10 ** k)).flat();
+
 /** uPlot passes null for ticks it leaves unlabelled (a log axis's minor ticks). */
 const tick = (format) => (v) => (v == null ? "" : format(v));
 
@@ -77,6 +80,7 @@ export function plotOptions({ width, height, names, dark, view, cursor, hooks })
         ...(view.x === "relative"
           ? { incrs: DURATION_INCRS, values: (_u, splits) => splits.map(tick(formatDuration)) }
           : {}),
+        ...(view.x === "step" ? { incrs: STEP_INCRS } : {}),
       },
       { ...axis, size: 56, values: (_u, splits) => splits.map(tick(formatValue)) },
     ],

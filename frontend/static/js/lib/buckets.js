@@ -72,15 +72,19 @@ export function alignSeries(seriesList) {
   return { x, series };
 }
 
-/** Keys where higher is better; every other metric (loss, kl, time, …) is best when lowest. */
+/** Keys where higher is better (accuracy, agreement). */
 export const HIGHER_IS_BETTER = /acc|agreement/i;
+/** Keys where lower is better (losses, KL, KD terms); other metrics (lr, grad norm, step time)
+ * have no "best", so the legend shows none for them. */
+export const LOWER_IS_BETTER = /loss|kl|(^|\/)kd(_weighted)?\//i;
 
 const finite = (v) => typeof v === "number" && Number.isFinite(v);
 
 /**
  * Legend figures of one series: `last` bucket mean, overall `min`/`max` (exact: taken from the
- * buckets' min/max arrays), `best` (the max for keys matching /acc|agreement/, else the min) and
- * `bestX`, the x of the (first) bucket holding it. Nulls are skipped; all null when empty.
+ * buckets' min/max arrays), `best` (the max for accuracy-like keys, the min for loss-like ones,
+ * null for the rest) and `bestX`, the x of the (first) bucket holding it. Nulls are skipped;
+ * all null when empty.
  * @param {Series} series
  * @param {string} key
  * @returns {{last: number|null, min: number|null, max: number|null, best: number|null, bestX: number|null}}
@@ -104,6 +108,7 @@ export function seriesStats(series, key) {
       maxX = series.x[i];
     }
   }
-  const higher = HIGHER_IS_BETTER.test(key);
-  return { last, min, max, best: higher ? max : min, bestX: higher ? maxX : minX };
+  if (HIGHER_IS_BETTER.test(key)) return { last, min, max, best: max, bestX: maxX };
+  if (LOWER_IS_BETTER.test(key)) return { last, min, max, best: min, bestX: minX };
+  return { last, min, max, best: null, bestX: null };
 }

@@ -138,7 +138,11 @@ describe("seriesStats", () => {
     assert.equal(seriesStats(acc, "eval/teacher_agreement").bestX, 2);
     assert.equal(seriesStats(acc, "eval/top1_acc").best, 0.9);
     assert.equal(seriesStats(acc, "train/kl").best, 0.4);
-    assert.equal(seriesStats(acc, "time/step_seconds").bestX, 1);
+    assert.equal(seriesStats(acc, "train/kd/output~output").best, 0.4);
+    assert.equal(seriesStats(acc, "train/kd_weighted/features~features").bestX, 1);
+    // no "best" for metrics that are neither a score nor a loss
+    assert.equal(seriesStats(acc, "sys/step_time_ms").best, null);
+    assert.equal(seriesStats(acc, "train/lr").bestX, null);
   });
 
   test("nulls are skipped; last is the last finite mean", () => {
