@@ -64,6 +64,7 @@ export function createLegend(container, { entries, runs, keys, runNames, xLabel,
         return td;
       };
       return {
+        tr: row,
         last: cell(),
         min: cell(),
         max: cell(),
@@ -107,6 +108,8 @@ export function createLegend(container, { entries, runs, keys, runNames, xLabel,
         row.max.textContent = formatValue(stats.max);
         row.best.textContent = formatValue(stats.best);
         row.bestX.textContent = stats.bestX === null ? "–" : formatX(stats.bestX);
+        // a run without this metric (the baseline has no teacher accuracy) gets no row
+        row.tr.hidden = stats.min === null && stats.last === null;
       });
       if (plot) cursor(plot);
     },
