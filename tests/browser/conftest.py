@@ -460,7 +460,9 @@ def teacher_launch(browser: Browser, server: Server) -> Iterator[Launched]:
     epochs.fill("")
     epochs.press_sequentially("2")
     page.get_by_label("Hidden", exact=True).fill(", ".join(map(str, TEACHER_HIDDEN)))
-    page.get_by_label("Lr", exact=True).fill(TEACHER_LR)  # a teacher worth distilling in 2 epochs
+    page.get_by_label("Learning rate", exact=True).fill(
+        TEACHER_LR
+    )  # a teacher worth distilling in 2 epochs
     run_id = submit_launch_form(page)
     mark_document(page)
     try:
