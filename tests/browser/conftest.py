@@ -426,12 +426,13 @@ def submit_launch_form(page: Page) -> str:
 
 
 def wait_for_charts(page: Page, names: list[str] | None = None) -> None:
-    """Every chart panel has drawn: a canvas, and a legend row per run (named, if given)."""
+    """Every chart panel has drawn: a canvas, and a legend row with data (a run without the
+    panel's metric has a hidden row); the runs named, if given."""
     panels = page.locator(".chart-panel")
     expect(panels.first).to_be_visible()
     for i in range(panels.count()):
         panel = panels.nth(i)
-        expect(panel.locator(".chart-legend tbody tr").first).to_be_visible()
+        expect(panel.locator(".chart-legend tbody tr:not([hidden])").first).to_be_visible()
         expect(panel.locator(".u-over")).to_have_count(1)
         for name in names or []:
             expect(panel.locator(".chart-legend")).to_contain_text(name)
