@@ -108,29 +108,37 @@ def _claim_order(claims: tuple[str, ...]) -> Callable[[str], tuple[int, str]]:
     return lambda key: (claims.index(key) if key in claims else len(claims), key)
 
 
-def _context(session: Session, run_id: str) -> dict[str, object]:
+def _head_context(session: Session, run_id: str) -> dict[str, Any]:
+    """What the run head shows (`HEAD_CONTEXT`, the macro's arguments) and whether it finished:
+    all the live stream re-reads each second."""
     run = service.run_out(service.get_run(session, run_id))
-    summary = run_views.summarize(session, [run])[0]
-    baseline = run_views.baseline_of(session, run)
-    teacher = (
-        service.run_out(service.get_run(session, run.teacher_run_id))
-        if run.teacher_run_id
-        else None
-    )
+    return {
+        "run": run,
+        "row": run_views.summarize(session, [run])[0],
+        "meta": run_views.metadata(session, run_id),
+        "teacher": (
+            service.run_out(service.get_run(session, run.teacher_run_id))
+            if run.teacher_run_id
+            else None
+        ),
+        "baseline": run_views.baseline_of(session, run),
+        "artifacts": artifact_service.list_artifacts(session, ADMIN, run_id),
+        "finished": run.status in FINISHED,
+    }
+
+
+def _context(session: Session, run_id: str) -> dict[str, Any]:
+    """The whole run page: the head, the chart panels, the log tail and the config."""
+    head = _head_context(session, run_id)
+    run: RunOut = head["run"]
     logs = service.read_log_events(session, run_id, LOG_TAIL)
     return {
+        **head,
         "nav": "runs",
-        "run": run,
-        "row": summary,
-        "meta": run_views.metadata(session, run_id),
-        "panels": chart_panels(run, metric_service.run_keys(session, run_id), baseline),
-        "baseline": baseline,
-        "teacher": teacher,
+        "panels": chart_panels(run, metric_service.run_keys(session, run_id), head["baseline"]),
         "logs": [line for _, line in logs if not line.startswith(run_views.METADATA_PREFIX)],
         "last_log_id": logs[-1][0] if logs else 0,
-        "artifacts": artifact_service.list_artifacts(session, ADMIN, run_id),
         "config_json": json.dumps(run.config, indent=2, sort_keys=False),
-        "finished": run.status in FINISHED,
     }
 
 
@@ -155,7 +163,7 @@ def delete(request: Request, run_id: str, session: SessionDep, settings: Setting
 
 def _head_or_page(request: Request, session: Session, run_id: str) -> Response:
     if is_fragment_request(request):
-        return render(request, "partials/_run_head.html", _context(session, run_id))
+        return render(request, "partials/_run_head.html", _head_context(session, run_id))
     return Response(status_code=303, headers={"Location": f"/runs/{run_id}"})
 
 
@@ -168,7 +176,7 @@ def _live_state(
     """(head HTML for an out-of-band swap, new log lines, finished)."""
     macros = templates.env.get_template("macros/run_head.html").make_module(shared)
     with factory() as session:
-        context = _context(session, run_id)
+        context = _head_context(session, run_id)
         lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
         args = {name: context[name] for name in HEAD_CONTEXT}
         head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]  # rows loaded

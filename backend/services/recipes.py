@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Run
 from backend.errors import NotFound
+from backend.schemas.runs import RunOut
+from backend.services import run_views
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "frontend" / "recipes"
 
@@ -48,15 +48,10 @@ def load(name: str) -> Recipe:
     return recipes[name]
 
 
-def matching_teacher(session: Session, teacher: dict[str, Any], dataset: str) -> Run | None:
-    """The newest succeeded run that trained `teacher`'s architecture on `dataset`."""
-    candidates = session.scalars(
-        select(Run)
-        .where(Run.status == "succeeded", Run.kind.in_(("train", "distill")))
-        .order_by(Run.created_at.desc())
-        .limit(500)
-    ).all()
-    for run in candidates:
+def matching_teacher(session: Session, teacher: dict[str, Any], dataset: str) -> RunOut | None:
+    """The newest succeeded run that trained `teacher`'s architecture on `dataset` (from the
+    teacher picker's list)."""
+    for run, _ in run_views.teacher_runs(session, limit=500):
         student = run.config.get("student") or {}
         if (
             student.get("name") == teacher.get("name")
