@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
@@ -16,6 +16,7 @@ from backend.db.engine import make_engine, make_session_factory
 from backend.errors import Invalid, PayloadTooLarge, ServiceError
 from backend.mlflow_mirror import MlflowMirror
 from backend.pages import compare as compare_page
+from backend.pages import docs as docs_page
 from backend.pages import launch as launch_page
 from backend.pages import run as run_page
 from backend.pages import runs as runs_page
@@ -41,6 +42,16 @@ async def _request_error(request: Request, exc: Exception) -> Response:
     return await request_validation_exception_handler(request, exc)
 
 
+def _internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error: Starlette answers it outside every middleware, so the security
+    headers are added here."""
+    response: Response = JSONResponse({"detail": "internal server error"}, status_code=500)
+    if is_page_request(request):
+        response = PlainTextResponse("Internal server error; see the server's log.", 500)
+    security.add_security_headers(response.raw_headers)
+    return response
+
+
 def _limit_body(app: FastAPI, max_bytes: int) -> None:
     @app.middleware("http")
     async def body_limit(request: Request, call_next: Callable) -> Response:
@@ -60,7 +71,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """While the app serves: the MLflow mirror drains the outbox (unless the tracking URI is
     `none`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`backend.supervisor`;
     made first, so a Ray executor without KDLAB_RAY_ADDRESS stops the start-up at once);
-    stopping it leaves running workers alone."""
+    stopping it leaves running workers alone. The live watcher (`backend.services.live`) wakes
+    the event streams of the runs that changed."""
+    from backend.services.live import watcher_of
+
+    live = watcher_of(app).start()
     supervisor = None
     if app.state.settings.executor in ("local", "ray"):
         from backend.supervisor import Supervisor
@@ -77,6 +92,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if supervisor is not None:
             supervisor.stop()
         mirror.stop()
+        await live.stop()
 
 
 def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastAPI:
@@ -89,8 +105,10 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
         title="KD Lab",
         summary="Knowledge-distillation experiments: runs, live metrics, comparisons, students.",
         version="0.1.0",
-        docs_url="/docs",
-        openapi_url=f"{API_PREFIX}/openapi.json",
+        # /docs and /api/openapi.json: backend.pages.docs (vendored Swagger UI, behind the token)
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.demo = demo
@@ -98,12 +116,13 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     app.state.session_factory = make_session_factory(engine)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _request_error)
+    app.add_exception_handler(Exception, _internal_error)
     _limit_body(app, settings.max_body_bytes)
     security.install(app)
     resources = (health, catalog, runs, metrics, compare, artifacts, uploads)
     for router in (r.router for r in resources):
         app.include_router(router, prefix=API_PREFIX)
-    for page in (runs_page, launch_page, run_page, compare_page, signin):
+    for page in (runs_page, launch_page, run_page, compare_page, signin, docs_page):
         app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)

@@ -6,6 +6,7 @@ import ipaddress
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, description="Largest uploaded file.")
     max_points_per_query: int = Field(default=10_000, description="Cap on max_points per series.")
     max_metric_batch: int = Field(default=50_000, description="Most points in one metrics POST.")
+    max_streams_per_token: int = Field(
+        default=32,
+        ge=1,
+        description="Event streams (SSE) open at once per bearer token or browser session; "
+        "one more gets 429.",
+    )
     # local dispatch (the supervisor of `kdlab serve`, KDLAB_EXECUTOR=local)
     cpu_slots: int = Field(default=1, ge=1, description="CPU-only runs trained at once.")
     lease_seconds: float = Field(
@@ -56,6 +63,12 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None,
         description="Base URL workers use to reach the API; default http://127.0.0.1:<port>.",
+    )
+    allowed_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated host names the server answers to (`*`: any); checked in "
+        "open mode and whenever set. Loopback names, the bind host and public_url's host are "
+        "always allowed.",
     )
 
     @cached_property
@@ -108,12 +121,51 @@ class Settings(BaseSettings):
         return self.token is None and is_loopback(self.host)
 
     def check_bind(self) -> None:
-        """Refuse to serve beyond this machine without a token."""
-        if self.token is None and not is_loopback(self.host):
+        """Refuse to serve beyond this machine without a token, or with a short one."""
+        if is_loopback(self.host):
+            return
+        if self.token is None:
             raise ValueError(
                 f"KDLAB_TOKEN is not set but the server would listen on {self.host}; set "
-                "KDLAB_TOKEN=<a long random secret> or bind to 127.0.0.1"
+                f"KDLAB_TOKEN=<a long random secret> ({MAKE_TOKEN}) or bind to 127.0.0.1"
             )
+        if len(self.token) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"KDLAB_TOKEN has {len(self.token)} characters but the server would listen on "
+                f"{self.host}, where it needs at least {MIN_TOKEN_CHARS}; make one with "
+                f"{MAKE_TOKEN}"
+            )
+
+    def host_allow_list(self) -> frozenset[str] | None:
+        """The host names requests may name in `Host:` (lower case, no port, IPv6 without
+        brackets; any loopback address is allowed besides), or None: no check. Checked in open
+        mode (a page the user visits could otherwise reach this API through DNS rebinding) and
+        whenever KDLAB_ALLOWED_HOSTS is set; `*` in it allows any host."""
+        listed = [h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip()]
+        if "*" in listed or (not listed and not self.open_access):
+            return None
+        names = {"localhost", *(host_name(h) for h in listed)}
+        if self.host not in ("", "0.0.0.0", "::"):
+            names.add(host_name(self.host))
+        public = urlsplit(self.resolved_public_url).hostname
+        if public:
+            names.add(public.lower())
+        return frozenset(names)
+
+
+MIN_TOKEN_CHARS = 32
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def host_name(host: str) -> str:
+    """`Host:` header or setting → its name: lower case, no port, IPv6 without brackets, no
+    trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def is_loopback(host: str) -> bool:

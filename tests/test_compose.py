@@ -31,7 +31,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 # what a deployer must set (in .env); every other variable has a default
 REQUIRED_VARIABLES = {"KDLAB_TOKEN", "POSTGRES_PASSWORD"}
-ENV = {"KDLAB_TOKEN": "t0ken", "POSTGRES_PASSWORD": "pw"}
+ENV = {"KDLAB_TOKEN": "t0ken" * 8, "POSTGRES_PASSWORD": "pw"}  # check_bind: 32+ characters
 # services that keep state, and where it lives in the container (Ray keeps none worth keeping:
 # the database is the source of truth, and a restarted head starts a fresh session)
 STATE_PATHS = {

@@ -50,6 +50,10 @@ class ApiError(Exception):
         self.url = url
 
 
+# the server's 401 detail for a run token revoked when its run finished (backend.services.auth)
+RUN_FINISHED_DETAIL = "this run's token was revoked when the run finished"
+
+
 class ApiClientError(ApiError):
     """The server refused the request with a 4xx status (retrying would not help)."""
 
@@ -57,6 +61,14 @@ class ApiClientError(ApiError):
         super().__init__(message, method=method, url=url)
         self.status_code = status_code
         self.detail = detail
+
+    @property
+    def run_ended(self) -> bool:
+        """The run is already over on the server: 409, or 401 because the run's token was
+        revoked when it finished (e.g. the supervisor ended it)."""
+        return self.status_code == 409 or (
+            self.status_code == 401 and self.detail == RUN_FINISHED_DETAIL
+        )
 
 
 class TransientApiError(ApiError):

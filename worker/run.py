@@ -27,7 +27,8 @@ in order (docs/contracts.md, "Worker ↔ backend"):
    - stdout/stderr lines (progress, warnings, tracebacks) are forwarded to `/logs` each second.
 5. At the end: uploads `best.safetensors`, `latest.pt` (kind checkpoint), `student.safetensors`
    (kind student) and `metrics.jsonl` (kind file); flushes the metrics (the sink uploads
-   `metadata.json`); then reports the outcome:
+   `metadata.json`); stops the heartbeat and sends the last log lines; then reports the outcome,
+   last of all: a finished status revokes the run's token, so nothing can be sent after it:
    - `succeeded` (exit 0);
    - `cancelled` when it stopped because a cancel was requested, or an external run was
      stopped (exit 0);
@@ -183,7 +184,7 @@ class Heartbeat:
         except ApiClientError as err:  # 409: finished on the server; 404: deleted; 403: token
             if not self.flag.requested:
                 self.echo(f"heartbeat refused ({err}); stopping")
-            self.flag.stop(f"heartbeat refused: {err}", cancel=err.status_code == 409)
+            self.flag.stop(f"heartbeat refused: {err}", cancel=err.run_ended)
             return
         except Exception as err:  # the server is away: keep training, try again next beat
             if not self._failing:
@@ -477,7 +478,7 @@ def _report(client: ApiClient, status: str, echo: Echo, **fields: Any) -> bool:
         return True
     except ApiClientError as err:
         echo(f"the server refused status {status}: {err}")
-        return err.status_code == 409  # the run already ended (e.g. the supervisor ended it)
+        return err.run_ended  # the run already ended (e.g. the supervisor ended it)
     except ApiError as err:
         echo(f"could not report status {status}: {err}")
         return False
@@ -527,6 +528,18 @@ def run_worker(
         else _env_float("KDLAB_HEARTBEAT_SECONDS", 5.0)
     )
     heartbeat: Heartbeat | None = None
+
+    def quiet() -> None:
+        """Stop the heartbeat and send the last log lines: what must reach the server before
+        the final status, which revokes the run's token (idempotent)."""
+        nonlocal heartbeat, forwarder
+        if heartbeat is not None:
+            heartbeat.stop()
+            heartbeat = None
+        if forwarder is not None:
+            forwarder.close()
+            forwarder = None
+
     try:
         with _maybe(handle_signals, stop_on_signals(flag, echo)):
             _report(client, "running", echo)  # a no-op for an external run (already running)
@@ -543,12 +556,10 @@ def run_worker(
                 checkpoint_every_steps=checkpoint_every_steps,
                 close_timeout=close_timeout,
                 echo=echo,
+                before_outcome=quiet,
             )
     finally:
-        if heartbeat is not None:
-            heartbeat.stop()
-        if forwarder is not None:
-            forwarder.close()
+        quiet()
 
 
 def _train_and_report(
@@ -563,7 +574,10 @@ def _train_and_report(
     checkpoint_every_steps: int | None,
     close_timeout: float,
     echo: Echo,
+    before_outcome: Callable[[], None] = lambda: None,
 ) -> WorkerOutcome:
+    """Train, upload, then report the outcome. Everything (artifacts, metrics, log lines: see
+    `before_outcome`) is sent before the final status: that revokes the run's token."""
     run_id = run["id"]
     sink: MultiSink | None = None
     http_sink: HttpMetricSink | None = None
@@ -642,21 +656,24 @@ def _train_and_report(
         echo(f"run failed: {text.partition(chr(10))[0]}")  # the traceback follows as error lines
         with contextlib.suppress(Exception):
             client.post_logs(text.splitlines(), "error")
+        before_outcome()
         ok = _report(client, "failed", echo, error=text, **extra)
         return WorkerOutcome(run_id, "failed", EXIT_FAILED, error=text, reported=ok)
     if result is None or result.stopped:
         if flag.cancel or run.get("kind") == "external" or _cancel_requested(client):
-            ok = _report(client, "cancelled", echo, **extra)
             step = result.global_step if result is not None else 0
             echo(f"cancelled at step {step}" + ("; latest.pt uploaded" if result else ""))
+            before_outcome()
+            ok = _report(client, "cancelled", echo, **extra)
             return WorkerOutcome(run_id, "cancelled", EXIT_OK if ok else EXIT_FAILED, reported=ok)
         echo(
             f"stopped by a signal ({flag.reason or 'no cancel requested'}); latest.pt is "
             "uploaded and the run stays as it is, to be resumed"
         )
         return WorkerOutcome(run_id, "interrupted", EXIT_INTERRUPTED, reported=False)
-    ok = _report(client, "succeeded", echo, **extra)
     echo(f"done: run {run_id} succeeded at step {result.global_step}")
+    before_outcome()
+    ok = _report(client, "succeeded", echo, **extra)
     return WorkerOutcome(run_id, "succeeded", EXIT_OK if ok else EXIT_FAILED, reported=ok)
 
 

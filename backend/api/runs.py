@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from backend.api.deps import AdminDep, PrincipalDep, RunFiltersDep, SessionDep, SettingsDep
+from backend.api.deps import (
+    AdminDep,
+    PrincipalDep,
+    RunFiltersDep,
+    SessionDep,
+    SettingsDep,
+    get_principal,
+)
 from backend.schemas.runs import (
     CloneRequest,
     ExternalRunCreated,
@@ -20,6 +28,7 @@ from backend.schemas.runs import (
     StatusReport,
     ValidationReport,
 )
+from backend.services import live
 from backend.services import runs as service
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -169,26 +178,40 @@ def heartbeat(
     return service.heartbeat(session, run_id)
 
 
+def _may_follow(request: Request, run_id: str) -> None:
+    """The caller may read the run and it exists: one short session, in the threadpool (the
+    stream then reads with its own; no transaction waits across a hop to another thread)."""
+    with request.app.state.session_factory() as session:
+        principal = get_principal(request, session, request.app.state.settings)
+        principal.require_run(run_id)
+        service.get_run(session, run_id)
+        session.rollback()
+
+
 @router.get(
     "/{run_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        429: {"description": "Too many open streams for this token; see `Retry-After`."},
+    },
 )
-def run_events(
+async def run_events(
     run_id: str,
     request: Request,
-    session: SessionDep,
-    principal: PrincipalDep,
     once: bool = False,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: `status` (run JSON) on each change, `log` lines, `end` when the run
-    finishes. `?once=1` sends the current state and closes."""
-    principal.require_run(run_id)
-    service.get_run(session, run_id)
-    session.close()  # the stream polls with its own short sessions
+    finishes. `?once=1` sends the current state and closes. At most
+    `KDLAB_MAX_STREAMS_PER_TOKEN` streams per token at once (429 beyond). The stream holds no
+    thread: it runs on the event loop, woken by the app's live watcher."""
+    await run_in_threadpool(_may_follow, request, run_id)
     stream = service.event_stream(
-        request.app.state.session_factory, run_id, once=once, after_id=last_event_id
+        request.app.state.session_factory,
+        run_id,
+        live.watcher_of(request.app),
+        once=once,
+        after_id=last_event_id,
     )
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+    return live.LiveResponse(request, stream)

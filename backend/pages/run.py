@@ -3,11 +3,10 @@ and baseline, the formula in effect, live log tail, artifacts, cancel / clone / 
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response, StreamingResponse
 
 from backend.api.deps import SessionDep, SettingsDep
+from backend.errors import NotFound
 from backend.pages.security import verify_csrf
 from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import is_fragment_request, render, shared_context, templates
@@ -25,6 +25,7 @@ from backend.services import metrics as metric_service
 from backend.services import run_views
 from backend.services import runs as service
 from backend.services.auth import ADMIN
+from backend.services.live import SUCCEEDED, Subscription, watcher_of
 from backend.services.runs import sse_message
 from worker.kd.distillation_model import pair_key
 
@@ -170,41 +171,85 @@ def _head_or_page(request: Request, session: Session, run_id: str) -> Response:
 # --------------------------------------------------------------------------- live updates
 
 
+def _read_live(
+    factory: sessionmaker[Session], run_id: str, after_id: int, watched: tuple[str, ...]
+) -> tuple[dict[str, Any], list[tuple[int, str]], dict[str, Any]]:
+    """One short session: the signals of `watched` (first: see `backend.services.live`), the
+    head's context (its rows kept loaded for renders after the session) and the log lines after
+    `after_id`."""
+    with factory() as session:
+        signals = Subscription.read(session, watched)
+        context = _head_context(session, run_id)
+        lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
+        session.expunge_all()  # detached, not expired by the rollback: the artifacts stay loaded
+        session.rollback()
+    return context, lines, signals
+
+
+def _render_head(context: dict[str, Any], shared: dict[str, Any]) -> str:
+    """The head HTML for an out-of-band swap, its duration counted up to now (no database)."""
+    macros = templates.env.get_template("macros/run_head.html").make_module(shared)
+    args = {name: context[name] for name in HEAD_CONTEXT}
+    row = args["row"]
+    args["row"] = replace(row, duration_seconds=run_views.duration_seconds(row.run))
+    return str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]
+
+
 def _live_state(
     factory: sessionmaker[Session], run_id: str, after_id: int, shared: dict[str, Any]
 ) -> tuple[str, list[tuple[int, str]], bool]:
     """(head HTML for an out-of-band swap, new log lines, finished)."""
-    macros = templates.env.get_template("macros/run_head.html").make_module(shared)
-    with factory() as session:
-        context = _head_context(session, run_id)
-        lines = service.read_log_events(session, run_id, 1000, after_id=after_id)
-        args = {name: context[name] for name in HEAD_CONTEXT}
-        head = str(macros.run_head(**args, oob=True))  # type: ignore[attr-defined]  # rows loaded
-        session.rollback()
-    return head, lines, bool(context["finished"])
+    context, lines, _ = _read_live(factory, run_id, after_id, ())
+    return _render_head(context, shared), lines, bool(context["finished"])
+
+
+def _watched(run: RunOut) -> list[str]:
+    """What the head shows besides the run itself: a distill run's baseline is the newest
+    matching succeeded run, so any run succeeding may change it."""
+    return [run.id, SUCCEEDED] if run.kind == "distill" else [run.id]
 
 
 async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIterator[str]:
+    """`update` (the head) when it changes, `log` with new lines, `end` once the run finished.
+    The app's live watcher wakes it when the run changed (then it re-reads); while the run
+    runs, its duration re-renders each `POLL_SECONDS` without a read."""
     factory = request.app.state.session_factory
     shared = shared_context(request)  # what the macro reads besides its arguments
     last_head = None
-    while not await request.is_disconnected():
-        head, lines, finished = await run_in_threadpool(
-            _live_state, factory, run_id, after_id, shared
-        )
-        if head != last_head:
-            last_head = head
-            yield sse_message("update", head)
-        shown = [line for _, line in lines if not line.startswith(run_views.METADATA_PREFIX)]
-        if shown:
-            yield sse_message("log", "".join(html.escape(line) + "\n" for line in shown))
-        if lines:
-            after_id = lines[-1][0]
-        if finished and len(lines) < 1000:
-            yield sse_message("end", "done")
-            await linger(request)
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    with watcher_of(request.app).subscribe([run_id]) as subscription:
+        stale = True
+        context: dict[str, Any] = {}
+        while True:
+            lines: list[tuple[int, str]] = []
+            if stale:
+                try:
+                    context, lines, signals = await run_in_threadpool(
+                        _read_live, factory, run_id, after_id, subscription.run_ids
+                    )
+                except NotFound:  # deleted while shown
+                    yield sse_message("end", "done")
+                    await linger(request)
+                    return
+                subscription.saw(signals)
+                subscription.watch(_watched(context["run"]))
+            head = await run_in_threadpool(_render_head, context, shared)
+            if head != last_head:
+                last_head = head
+                yield sse_message("update", head)
+            shown = [line for _, line in lines if not line.startswith(run_views.METADATA_PREFIX)]
+            if shown:
+                yield sse_message("log", "".join(html.escape(line) + "\n" for line in shown))
+            if lines:
+                after_id = lines[-1][0]
+            if len(lines) >= 1000:  # more lines are waiting
+                continue
+            if context["finished"]:
+                yield sse_message("end", "done")
+                await linger(request)
+                return
+            run: RunOut = context["run"]
+            ticking = run.started_at is not None and run.finished_at is None
+            stale = await subscription.wait(POLL_SECONDS if ticking else None)
 
 
 @router.get("/runs/{run_id}/live")
@@ -212,4 +257,4 @@ def live(request: Request, run_id: str, session: SessionDep, after: int = 0) -> 
     """SSE for the run page: `update` (the head, out of band), `log` lines after `after`."""
     service.get_run(session, run_id)
     session.close()
-    return event_stream(_live_stream(request, run_id, after))
+    return event_stream(request, _live_stream(request, run_id, after))

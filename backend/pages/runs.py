@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, get_args
+from dataclasses import replace
+from typing import Annotated, Any, get_args
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,16 +14,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response, StreamingResponse
 
 from backend.api.deps import RunFiltersDep, SessionDep
-from backend.db.models import Experiment, Run
+from backend.db.models import Experiment, Run, utcnow
 from backend.errors import Invalid
 from backend.pages.compare import demo_view
 from backend.pages.security import verify_csrf
 from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import render, templates
 from backend.schemas.runs import RunStatus
-from backend.services import run_views
+from backend.services import live, run_views
 from backend.services import runs as service
 from backend.services.dispatch import DEMO_EXPERIMENT
+from backend.services.live import Subscription
 from backend.services.runs import sse_message
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
@@ -91,38 +92,66 @@ def runs_page(
     return render(request, "pages/runs.html", context, partial="partials/_runs_table.html")
 
 
-def _live_cells(
-    factory: sessionmaker[Session], ids: list[str], status_only: bool
-) -> tuple[dict[str, str], bool]:
-    """The live cells of each run, rendered (run id → HTML), and whether any is still active."""
+def _live_rows(
+    factory: sessionmaker[Session], ids: list[str], watched: tuple[str, ...]
+) -> tuple[list[run_views.RunSummary], dict[str, Any]]:
+    """One short session: the signals of `watched` (first: see `backend.services.live`) and
+    the table rows of `ids`."""
     with factory() as session:
+        signals = Subscription.read(session, watched)
         runs = session.scalars(select(Run).where(Run.id.in_(ids))).unique().all()
         rows = run_views.summarize(session, [service.run_out(r) for r in runs])
         session.rollback()
+    return rows, signals
+
+
+def _render_cells(
+    rows: list[run_views.RunSummary], status_only: bool
+) -> tuple[dict[str, str], bool]:
+    """The live cells of each run, rendered (run id → HTML) with durations up to now, and
+    whether any is still active. Reads no database."""
+    now = utcnow()
     macros = templates.env.get_template("macros/run_cells.html").make_module({})
     render_cells = macros.status_badge if status_only else macros.live_cells  # type: ignore[attr-defined]
-    cells = {
-        row.run.id: str(render_cells(row.run if status_only else row, oob=True)) for row in rows
-    }
+    cells = {}
+    for row in rows:
+        row = replace(row, duration_seconds=run_views.duration_seconds(row.run, now))
+        cells[row.run.id] = str(render_cells(row.run if status_only else row, oob=True))
     return cells, any(row.active for row in rows)
+
+
+def _ticking(rows: list[run_views.RunSummary]) -> bool:
+    """Whether a shown duration counts up (a started run that has not finished)."""
+    return any(row.run.started_at is not None and row.run.finished_at is None for row in rows)
 
 
 async def _live_stream(request: Request, ids: list[str], status_only: bool) -> AsyncIterator[str]:
     """`event: update` with out-of-band cells whenever a run's cells change; ends when every
-    run has finished or the browser has gone."""
+    run has finished or the browser has gone. The app's live watcher wakes it when one of the
+    runs changed (then it re-reads them); while a run runs, its duration re-renders each
+    `POLL_SECONDS` without a read."""
     factory = request.app.state.session_factory
     sent: dict[str, str] = {}
-    while not await request.is_disconnected():
-        cells, active = await run_in_threadpool(_live_cells, factory, ids, status_only)
-        changed = [html for run_id, html in cells.items() if sent.get(run_id) != html]
-        sent.update(cells)
-        if changed:
-            yield sse_message("update", "".join(changed))
-        if not active:
-            yield sse_message("end", "done")
-            await linger(request)
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    with live.watcher_of(request.app).subscribe(ids) as subscription:
+        stale = True
+        rows: list[run_views.RunSummary] = []
+        while True:
+            if stale:
+                rows, signals = await run_in_threadpool(
+                    _live_rows, factory, ids, subscription.run_ids
+                )
+                subscription.saw(signals)
+            cells, active = await run_in_threadpool(_render_cells, rows, status_only)
+            changed = [html for run_id, html in cells.items() if sent.get(run_id) != html]
+            sent.update(cells)
+            if changed:
+                yield sse_message("update", "".join(changed))
+            if not active:
+                yield sse_message("end", "done")
+                await linger(request)
+                return
+            tick = None if status_only or not _ticking(rows) else POLL_SECONDS
+            stale = await subscription.wait(tick)
 
 
 @router.get("/live/runs")
@@ -130,4 +159,4 @@ def live_runs(request: Request, ids: str = "", only: str | None = None) -> Strea
     """SSE for the runs table: the status, progress, duration and accuracy cells of `ids`
     (`only=status`: just the status badges, for the compare page)."""
     run_ids = [i for i in dict.fromkeys(ids.split(",")) if i][:PAGE_SIZE]
-    return event_stream(_live_stream(request, run_ids, only == "status"))
+    return event_stream(request, _live_stream(request, run_ids, only == "status"))

@@ -1,4 +1,5 @@
-"""What every response of the app carries (CSP and friends), and the pages' session gate.
+"""What every response of the app carries (CSP and friends: `SecurityHeaders`), and the pages'
+session gate.
 
 The gate resolves the browser session of each request (`request.state.browser`): on an
 open-access server (loopback, no token) every browser gets a session on its first visit; with
@@ -16,8 +17,10 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import Forbidden
+from backend.origin_guard import RequestGuard
 from backend.services import sessions
 from backend.settings import Settings
 
@@ -27,7 +30,7 @@ CSP = (
     "frame-ancestors 'none'"
 )
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-PUBLIC_PATHS = ("/static/", "/signin", "/api/", "/docs", "/favicon.ico")
+PUBLIC_PATHS = ("/static/", "/signin", "/api/", "/favicon.ico")
 SIGNIN_PATH = "/signin"
 
 # some systems map .js to text/plain, which browsers refuse for modules
@@ -38,12 +41,38 @@ mimetypes.add_type("text/css", ".css")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _security_headers(response: Response, path: str) -> None:
-    if not path.startswith("/docs"):  # Swagger UI needs inline scripts from its own page
-        response.headers.setdefault("Content-Security-Policy", CSP)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    response.headers.setdefault("X-Frame-Options", "DENY")
+SECURITY_HEADERS = (
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+)
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: every response (pages, API JSON, static files, errors, redirects,
+    streams) gets `SECURITY_HEADERS`, except those a route set itself (the /docs page's CSP)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                add_security_headers(message.setdefault("headers", []))
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def add_security_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    """Append the `SECURITY_HEADERS` missing from raw ASGI `headers` (names in lower case)."""
+    present = {name.lower() for name, _ in headers}
+    headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
 
 
 def set_session_cookie(response: Response, request: Request, value: str) -> None:
@@ -94,6 +123,9 @@ def _to_signin(request: Request) -> Response:
 
 
 def install(app: FastAPI) -> None:
+    """The session gate, inside `RequestGuard` (a refused request opens no session), inside
+    `SecurityHeaders` (outermost, so its headers reach every response, refusals included)."""
+
     @app.middleware("http")
     async def pages_gate(request: Request, call_next: Handler) -> Response:
         path = request.url.path
@@ -109,8 +141,10 @@ def install(app: FastAPI) -> None:
             response = await call_next(request)
         if new_cookie is not None and not path.startswith("/api/"):
             set_session_cookie(response, request, new_cookie)
-        _security_headers(response, path)
         return response
+
+    app.add_middleware(RequestGuard)
+    app.add_middleware(SecurityHeaders)
 
 
 async def verify_csrf(request: Request) -> None:

@@ -1,4 +1,5 @@
-"""What the pages' server-sent event streams share."""
+"""What the pages' server-sent event streams share: each is an async generator woken by the
+app's live watcher (`backend.services.live`), never a poll of its own."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
-POLL_SECONDS = 1.0
+from backend.services.live import LiveResponse
+
+POLL_SECONDS = 1.0  # a running run's duration ticks this often (re-rendered, not re-read)
 LINGER_SECONDS = 10.0
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def linger(request: Request) -> None:
@@ -22,5 +24,7 @@ async def linger(request: Request) -> None:
         await asyncio.sleep(0.5)
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
+def event_stream(request: Request, events: AsyncIterator[str]) -> StreamingResponse:
+    """The response of a page's stream: it holds one of the browser session's stream slots
+    while open (`backend.services.live.LiveResponse`)."""
+    return LiveResponse(request, events)

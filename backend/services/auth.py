@@ -7,11 +7,12 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from backend.db.models import ApiToken
+from backend.db.models import ApiToken, Run, utcnow
 from backend.errors import Forbidden, Unauthorized
+from backend.schemas.runs import FINISHED
 from backend.settings import Settings
 
 
@@ -64,11 +65,30 @@ def authenticate(session: Session, settings: Settings, header: str | None) -> Pr
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     if settings.token is not None and hmac.compare_digest(token, settings.token):
         return ADMIN
-    row = session.scalar(
-        select(ApiToken).where(
-            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
-        )
-    )
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
     if row is None:
         raise Unauthorized("invalid or revoked token")
+    if row.revoked_at is not None:
+        if row.scope == "run" and _run_finished(session, row.run_id):
+            raise Unauthorized(RUN_FINISHED)
+        raise Unauthorized("invalid or revoked token")
     return Principal(row.scope, row.run_id)
+
+
+RUN_FINISHED = "this run's token was revoked when the run finished"  # worker/client.py knows it
+
+
+def _run_finished(session: Session, run_id: str | None) -> bool:
+    status = session.scalar(select(Run.status).where(Run.id == run_id))
+    return status in FINISHED
+
+
+def revoke_run_tokens(session: Session, run_id: str) -> None:
+    """Revoke the run-scoped tokens of `run_id` (the caller commits): its worker's, or the one
+    `kdlab train --server` got. `set_status` calls it when the run finishes, so a finished run
+    is read-only for them (a leaked token can no longer overwrite its student)."""
+    session.execute(
+        update(ApiToken)
+        .where(ApiToken.run_id == run_id, ApiToken.scope == "run", ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )

@@ -6,11 +6,14 @@ transaction open while models are probed (see `backend.services.validation`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.to_thread
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -30,11 +33,14 @@ from backend.schemas.runs import (
     ValidationReport,
 )
 from backend.services.artifacts import remove_run_files
-from backend.services.auth import create_token
+from backend.services.auth import create_token, revoke_run_tokens
 from backend.services.catalog import pydantic_errors
 from backend.services.validation import CheckedConfig, check_config
 from backend.settings import Settings
 from worker.loss_formula import describe_from_config, loss_formula
+
+if TYPE_CHECKING:  # backend.services.live imports run_views, which imports this module
+    from backend.services.live import LiveWatcher, Subscription
 
 LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000
@@ -291,6 +297,8 @@ def set_status(session: Session, run: Run, new_status: str, error: str | None = 
       an illegal change raises `Conflict` (409) naming both states; nothing is changed.
     - `running`: sets `started_at` on the first start (a resumed attempt keeps it);
       `queued` (requeue): clears `heartbeat_at`; a finished status sets `finished_at`.
+    - A finished status revokes the run's run-scoped tokens (same transaction): its worker
+      must send everything before it reports the outcome (`worker.run`).
     - `error`: stored when given; `succeeded` clears any earlier attempt's error.
     - Adds a `RunEvent(kind="status", message=new_status)` (the SSE stream shows it).
     - Does NOT commit: the caller commits (so it can bundle its own changes, e.g. the attempt
@@ -310,6 +318,7 @@ def set_status(session: Session, run: Run, new_status: str, error: str | None = 
         run.heartbeat_at = None
     if new_status in FINISHED:
         run.finished_at = now
+        revoke_run_tokens(session, run.id)  # finished runs are read-only for their tokens
     if new_status == "succeeded":
         run.error = None
     if error is not None:
@@ -406,70 +415,96 @@ def _status_key(run: RunOut) -> tuple[Any, ...]:
     )
 
 
-def event_stream(
+def _read_events(
+    factory: sessionmaker[Session],
+    subscription: Subscription | None,
+    run_id: str,
+    after_id: int | None,
+    initial_tail: int,
+) -> tuple[RunOut | None, list[tuple[int, str]], dict[str, Any]]:
+    """One short session: the run's signal (first: see `backend.services.live`), its view, and
+    its log lines (the last `initial_tail`, or up to 1000 after `after_id`)."""
+    with factory() as session:
+        signals = subscription.read(session, [run_id]) if subscription is not None else {}
+        run = session.get(Run, run_id)
+        if run is None:
+            session.rollback()
+            return None, [], signals
+        view = run_out(run)
+        query = select(RunEvent.id, RunEvent.message).where(
+            RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
+        )
+        if after_id is None:
+            rows = list(
+                reversed(
+                    session.execute(query.order_by(RunEvent.id.desc()).limit(initial_tail)).all()
+                )
+            )
+        else:
+            rows = list(
+                session.execute(
+                    query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(1000)
+                ).all()
+            )
+        session.rollback()
+    return view, [(event_id, message) for event_id, message in rows], signals
+
+
+async def event_stream(
     factory: sessionmaker[Session],
     run_id: str,
+    watcher: LiveWatcher,
     *,
     once: bool = False,
     after_id: int | None = None,
-    poll_seconds: float = 0.5,
     initial_tail: int = 200,
     keepalive_seconds: float = 15.0,
-) -> Iterator[str]:
+) -> AsyncIterator[str]:
     """Server-sent events for one run.
 
     `event: status` (data: the run JSON) first and whenever the run's state changes;
     `event: log` (id: the event id, data: the line) for each log/error line, starting with
     the last `initial_tail` (or everything after `after_id`, a Last-Event-ID); `event: end`
     once the run is finished, then the stream closes. `once` sends the current state and
-    closes. The database is polled every `poll_seconds` with a short session per poll; no
-    session or transaction is held across the sleeps.
+    closes. The stream runs on the event loop and holds no thread: `watcher` wakes it when the
+    run changes, and each read is one short session in a worker thread; `: keep-alive`
+    comments go out after `keepalive_seconds` of silence.
     """
-    last_key: tuple[Any, ...] | None = None
-    last_sent = time.monotonic()
-    while True:
-        with factory() as session:
-            run = session.get(Run, run_id)
-            if run is None:
+    with contextlib.ExitStack() as stack:
+        subscription = (
+            None if once else stack.enter_context(watcher.subscribe([run_id], events_only=True))
+        )
+        last_key: tuple[Any, ...] | None = None
+        last_sent = time.monotonic()
+        while True:
+            view, rows, signals = await anyio.to_thread.run_sync(
+                _read_events, factory, subscription, run_id, after_id, initial_tail
+            )
+            if subscription is not None:
+                subscription.saw(signals)
+            if view is None:
                 yield sse_message("end", json.dumps({"detail": f"run {run_id!r} not found"}))
                 return
-            view = run_out(run)
-            query = select(RunEvent.id, RunEvent.message).where(
-                RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
-            )
-            if after_id is None:
-                rows = list(
-                    reversed(
-                        session.execute(
-                            query.order_by(RunEvent.id.desc()).limit(initial_tail)
-                        ).all()
-                    )
-                )
-            else:
-                rows = list(
-                    session.execute(
-                        query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(1000)
-                    ).all()
-                )
-            session.rollback()
-        chunks = []
-        if _status_key(view) != last_key:
-            last_key = _status_key(view)
-            chunks.append(sse_message("status", view.model_dump_json()))
-        for event_id, message in rows:
-            chunks.append(sse_message("log", message, event_id))
-        backlog = after_id is not None and len(rows) == 1000  # more lines are waiting
-        after_id = rows[-1][0] if rows else (after_id or 0)
-        finished = view.status in FINISHED and not backlog
-        if finished:
-            chunks.append(sse_message("end", json.dumps({"status": view.status})))
-        if chunks:
-            last_sent = time.monotonic()
-            yield "".join(chunks)
-        elif time.monotonic() - last_sent >= keepalive_seconds:
-            last_sent = time.monotonic()
-            yield ": keep-alive\n\n"
-        if finished or once:
-            return
-        if not backlog:
-            time.sleep(poll_seconds)
+            chunks = []
+            if _status_key(view) != last_key:
+                last_key = _status_key(view)
+                chunks.append(sse_message("status", view.model_dump_json()))
+            for event_id, message in rows:
+                chunks.append(sse_message("log", message, event_id))
+            backlog = after_id is not None and len(rows) == 1000  # more lines are waiting
+            after_id = rows[-1][0] if rows else (after_id or 0)
+            finished = view.status in FINISHED and not backlog
+            if finished:
+                chunks.append(sse_message("end", json.dumps({"status": view.status})))
+            if chunks:
+                last_sent = time.monotonic()
+                yield "".join(chunks)
+            if finished or subscription is None:
+                return
+            if backlog:
+                continue
+            while not await subscription.wait(
+                max(0.0, keepalive_seconds - (time.monotonic() - last_sent))
+            ):
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"

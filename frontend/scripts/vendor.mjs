@@ -17,6 +17,7 @@ const version = (pkg) =>
 const htmx = version("htmx.org");
 const sse = version("htmx-ext-sse");
 const uplot = version("uplot");
+const swagger = version("swagger-ui-dist");
 
 // [source in node_modules, target name in static/vendor, transform]
 const files = [
@@ -31,6 +32,15 @@ const files = [
   ["uplot/dist/uPlot.iife.min.js", `uPlot-${uplot}.esm.js`, toModule],
   ["uplot/dist/uPlot.min.css", `uPlot-${uplot}.min.css`],
   ["uplot/LICENSE", "LICENSE-uPlot.txt"],
+  // Swagger UI for /docs only (fixed names in a folder; its version is in README.md).
+  ["swagger-ui-dist/swagger-ui-bundle.js", "swagger-ui/swagger-ui-bundle.js"],
+  [
+    "swagger-ui-dist/swagger-ui-bundle.js.LICENSE.txt",
+    "swagger-ui/swagger-ui-bundle.js.LICENSE.txt",
+  ],
+  ["swagger-ui-dist/swagger-ui.css", "swagger-ui/swagger-ui.css"],
+  ["swagger-ui-dist/LICENSE", "swagger-ui/LICENSE"],
+  ["swagger-ui-dist/NOTICE", "swagger-ui/NOTICE"],
 ];
 
 function toModule(text) {
@@ -42,7 +52,7 @@ function toModule(text) {
   return `${text.trimEnd()}\nexport default uPlot;\n`;
 }
 
-mkdirSync(out, { recursive: true });
+mkdirSync(join(out, "swagger-ui"), { recursive: true });
 const stale = /^(htmx-\d.*\.min\.js|htmx-ext-sse-\d.*\.js|uPlot-\d.*\.(esm\.js|min\.css))$/;
 for (const name of readdirSync(out)) {
   if (stale.test(name)) rmSync(join(out, name));
@@ -54,3 +64,4 @@ for (const [source, target, transform] of files) {
   else copyFileSync(from, to);
   process.stdout.write(`${source} -> static/vendor/${target}\n`);
 }
+process.stdout.write(`swagger-ui-dist ${swagger}: update its row in static/vendor/README.md\n`);

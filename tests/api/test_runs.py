@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 
 from sqlalchemy import func, select
 
 from backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent
+from backend.services.live import LiveWatcher
 from backend.services.runs import event_stream
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
 
@@ -245,17 +247,23 @@ def test_events_once_then_following_the_run_until_it_finishes(client, db_session
     assert events[1:] == [("log", "step 1"), ("log", "step 2")]
 
     factory = client.app.state.session_factory
-    stream = event_stream(factory, run.id, poll_seconds=0.01)
-    first = _events(next(stream))
-    assert [e for e, _ in first] == ["status", "log", "log"]
 
-    with factory() as session:
-        session.add(RunEvent(run_id=run.id, kind="log", message="epoch 1\nwith two lines"))
-        row = session.get(Run, run.id)
-        assert row is not None
-        row.status = "succeeded"
-        session.commit()
-    rest = _events("".join(stream))  # ends by itself once the run is finished
+    async def follow() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        watcher = LiveWatcher(factory, interval=0.01)  # the stream is an async generator
+        stream = event_stream(factory, run.id, watcher)
+        first = _events(await anext(stream))
+        with factory() as session:
+            session.add(RunEvent(run_id=run.id, kind="log", message="epoch 1\nwith two lines"))
+            row = session.get(Run, run.id)
+            assert row is not None
+            row.status = "succeeded"
+            session.commit()
+        rest = "".join([chunk async for chunk in stream])  # ends once the run is finished
+        await watcher.stop()
+        return first, _events(rest)
+
+    first, rest = asyncio.run(follow())
+    assert [e for e, _ in first] == ["status", "log", "log"]
     assert [e for e, _ in rest] == ["status", "log", "end"]
     assert json.loads(rest[0][1])["status"] == "succeeded"
     assert rest[1][1] == "epoch 1\nwith two lines"  # one data field per line

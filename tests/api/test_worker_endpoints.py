@@ -127,7 +127,9 @@ def test_external_run_ends_through_the_same_route(client):
     assert beat.json() == {"cancel_requested": False, "status": "running"}
     done = client.post(path, json={"status": "succeeded"}, headers=headers)
     assert done.json()["status"] == "succeeded"
-    assert client.post(path, json={"status": "running"}, headers=headers).status_code == 409
+    again = client.post(path, json={"status": "running"}, headers=headers)  # token revoked
+    assert again.status_code == 401 and "revoked when the run finished" in again.text
+    assert client.post(path, json={"status": "running"}).status_code == 409  # the admin: 409
 
 
 def test_bodies_are_validated(client, db_session):
@@ -191,7 +193,9 @@ def test_heartbeat_refreshes_and_carries_the_cancel_flag(client, db_session):
         "status": "running",
     }
     client.post(f"/api/runs/{run_id}/status", json={"status": "cancelled"}, headers=headers)
-    finished = client.post(path, json={}, headers=headers)
+    finished = client.post(path, json={}, headers=headers)  # the token is revoked now
+    assert finished.status_code == 401 and "revoked when the run finished" in finished.text
+    finished = client.post(path, json={})  # open mode: the admin gets the run's own answer
     assert finished.status_code == 409
     assert "already cancelled" in finished.json()["detail"]
 

@@ -1,5 +1,5 @@
 """Sign-in on a server with KDLAB_TOKEN: redirect, wrong and right token, the session cookie's
-flags, and CSRF on a form post."""
+flags, CSRF on a form post, and the API docs behind the sign-in."""
 
 from __future__ import annotations
 
@@ -50,6 +50,22 @@ def test_sign_in_with_token(open_page: Callable[..., Page], token_server: Server
     assert cookies[0]["sameSite"] == "Strict"
     assert page.evaluate("document.cookie").find("kdlab_session") == -1  # unreadable from JS
     console_log(page).assert_clean(allow=REJECTED)
+
+
+def test_api_docs_need_a_sign_in_and_render_under_the_csp(
+    open_page: Callable[..., Page], token_server: Server
+) -> None:
+    """/docs → sign-in → Swagger UI from the vendored files, under the page's CSP (no bypass:
+    any CSP violation is a console error), its schema read with the session."""
+    assert token_server.token is not None
+    page = open_page(token_server)
+    page.goto("/docs")
+    expect(page).to_have_url(f"{token_server.url}/signin?next=%2Fdocs")
+    sign_in(page, token_server.token)
+    expect(page).to_have_url(f"{token_server.url}/docs")
+    expect(page.locator("#swagger-ui .info .title")).to_contain_text("KD Lab")
+    expect(page.locator("#swagger-ui .opblock-summary-path").first).to_be_visible()
+    console_log(page).assert_clean()
 
 
 # An invalid launch form (the name breaks the pattern): accepted past CSRF it is a 422 re-render,
