@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ServiceError(Exception):
     status_code = 400
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
@@ -32,6 +33,14 @@ class Unauthorized(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status_code = 413
+
+
+class Unavailable(ServiceError):
+    """503: nothing was done; send the same request again after `Retry-After` seconds (the
+    worker's client does)."""
+
+    status_code = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class Invalid(ServiceError):

@@ -22,7 +22,23 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def get_read_session(request: Request) -> Iterator[Session]:
+    """A session that only reads: on SQLite it never takes (or waits for) the write lock."""
+    yield from session_scope(request.app.state.read_session_factory)
+
+
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+
+
+def get_session(request: Request, read: ReadSessionDep) -> Iterator[Session]:
+    """The request's session: the read session for GET/HEAD/OPTIONS, else one that writes
+    (its first statement takes SQLite's write lock, held until it commits or closes)."""
+    if request.method in SAFE_METHODS:
+        yield read
+        return
     yield from session_scope(request.app.state.session_factory)
 
 
@@ -30,18 +46,21 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
+def get_principal(request: Request, session: ReadSessionDep, settings: SettingsDep) -> Principal:
     """The bearer token's principal; without one, a signed-in browser is the admin (the pages'
     charts and download buttons), and a state change from it needs its CSRF token."""
     header = request.headers.get("authorization")
     browser = getattr(request.state, "browser", None)
     if header is None and browser is not None and browser.token_hash != sessions.OPEN:
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not sessions.csrf_matches(
+        if request.method not in SAFE_METHODS and not sessions.csrf_matches(
             browser, request.headers.get(sessions.CSRF_HEADER)
         ):
             raise Forbidden("a browser session needs its X-CSRF-Token header for this call")
         return ADMIN
-    return authenticate(session, settings, header)
+    try:
+        return authenticate(session, settings, header)
+    finally:
+        session.rollback()  # end the read snapshot: a POST's body and work come after
 
 
 def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
