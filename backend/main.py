@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -10,10 +11,12 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
-from backend.db.engine import make_engine, make_session_factory
-from backend.errors import Invalid, PayloadTooLarge, ServiceError
+from backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
+from backend.errors import Invalid, PayloadTooLarge, ServiceError, Unavailable
 from backend.mlflow_mirror import MlflowMirror
 from backend.pages import compare as compare_page
 from backend.pages import docs as docs_page
@@ -26,13 +29,23 @@ from backend.pages.templating import STATIC_DIR
 from backend.settings import Settings
 
 API_PREFIX = "/api"
+logger = logging.getLogger(__name__)
 
 
 def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     if is_page_request(request):
         return page_error(request, exc.status_code, exc.message)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _database_error(request: Request, exc: Exception) -> Response:
+    """A lock wait that ran out under write contention is a 503 the caller retries (nothing
+    was stored: the transaction rolled back); any other database error is a 500."""
+    if is_busy(exc):
+        logger.warning("database busy on %s %s: answered 503", request.method, request.url.path)
+        return _service_error(request, Unavailable("the database is busy; retry in a second"))
+    return _internal_error(request, exc)
 
 
 async def _request_error(request: Request, exc: Exception) -> Response:
@@ -93,13 +106,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             supervisor.stop()
         mirror.stop()
         await live.stop()
+        if app.state.read_engine is not app.state.engine:
+            app.state.read_engine.dispose()
 
 
 def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastAPI:
     """A configured app; the database must already be at the head revision (`kdlab db upgrade`).
     `demo`: the supervisor queues the demo's KD student once the demo teacher succeeded."""
     settings = settings or Settings()
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings.db_lock_timeout_seconds)
     app = FastAPI(
         lifespan=_lifespan,
         title="KD Lab",
@@ -114,8 +129,13 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     app.state.demo = demo
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    # readers (GET requests, authentication, event streams) never queue behind SQLite's writer
+    app.state.read_engine = make_read_engine(engine, settings.db_lock_timeout_seconds)
+    app.state.read_session_factory = make_session_factory(app.state.read_engine)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _request_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(SQLAlchemyTimeoutError, _database_error)
     app.add_exception_handler(Exception, _internal_error)
     _limit_body(app, settings.max_body_bytes)
     security.install(app)

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.db.engine import LOCK_TIMEOUT_SECONDS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KDLAB_", extra="ignore")
@@ -40,6 +42,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=2 * 1024**3, description="Largest uploaded file.")
     max_points_per_query: int = Field(default=10_000, description="Cap on max_points per series.")
     max_metric_batch: int = Field(default=50_000, description="Most points in one metrics POST.")
+    db_lock_timeout_seconds: float = Field(
+        default=LOCK_TIMEOUT_SECONDS,
+        gt=0,
+        description="SQLite: how long a write waits for the lock before the API answers 503.",
+    )
+    series_readers: int = Field(
+        default=1, ge=1, description="Series/compare reads computed at once (the rest queue)."
+    )
     max_streams_per_token: int = Field(
         default=32,
         ge=1,

@@ -181,7 +181,7 @@ def heartbeat(
 def _may_follow(request: Request, run_id: str) -> None:
     """The caller may read the run and it exists: one short session, in the threadpool (the
     stream then reads with its own; no transaction waits across a hop to another thread)."""
-    with request.app.state.session_factory() as session:
+    with request.app.state.read_session_factory() as session:
         principal = get_principal(request, session, request.app.state.settings)
         principal.require_run(run_id)
         service.get_run(session, run_id)
@@ -208,7 +208,7 @@ async def run_events(
     thread: it runs on the event loop, woken by the app's live watcher."""
     await run_in_threadpool(_may_follow, request, run_id)
     stream = service.event_stream(
-        request.app.state.session_factory,
+        request.app.state.read_session_factory,
         run_id,
         live.watcher_of(request.app),
         once=once,

@@ -213,7 +213,7 @@ async def _live_stream(request: Request, run_id: str, after_id: int) -> AsyncIte
     """`update` (the head) when it changes, `log` with new lines, `end` once the run finished.
     The app's live watcher wakes it when the run changed (then it re-reads); while the run
     runs, its duration re-renders each `POLL_SECONDS` without a read."""
-    factory = request.app.state.session_factory
+    factory = request.app.state.read_session_factory
     shared = shared_context(request)  # what the macro reads besides its arguments
     last_head = None
     with watcher_of(request.app).subscribe([run_id]) as subscription:

@@ -130,7 +130,7 @@ async def _live_stream(request: Request, ids: list[str], status_only: bool) -> A
     run has finished or the browser has gone. The app's live watcher wakes it when one of the
     runs changed (then it re-reads them); while a run runs, its duration re-renders each
     `POLL_SECONDS` without a read."""
-    factory = request.app.state.session_factory
+    factory = request.app.state.read_session_factory
     sent: dict[str, str] = {}
     with live.watcher_of(request.app).subscribe(ids) as subscription:
         stale = True

@@ -92,7 +92,7 @@ def _resolve(
 ) -> tuple[sessions.BrowserSession | None, str | None]:
     """The request's session, and a new cookie value when one was just opened. The database
     is read only for a session signed in with a token from `kdlab token create`."""
-    factory = request.app.state.session_factory
+    factory = request.app.state.read_session_factory
     browser = sessions.decode(factory, settings, request.cookies.get(sessions.COOKIE_NAME))
     if browser is None and settings.open_access:
         cookie, browser = sessions.encode(settings, sessions.OPEN)

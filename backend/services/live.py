@@ -281,7 +281,7 @@ def watcher_of(app: FastAPI) -> LiveWatcher:
     """The app's watcher (made by its lifespan; made here for an app served without one)."""
     watcher: LiveWatcher | None = getattr(app.state, "live", None)
     if watcher is None:
-        watcher = app.state.live = LiveWatcher(app.state.session_factory)
+        watcher = app.state.live = LiveWatcher(app.state.read_session_factory)
     return watcher
 
 
