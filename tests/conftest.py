@@ -108,7 +108,7 @@ def settings(database_url: str, tmp_path: Path, migrated_engine: Engine) -> Sett
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings)
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
     app.state.engine.dispose()
 

@@ -94,7 +94,7 @@ def test_db_upgrade_to_a_named_revision(tmp_path):
 
 def _app_client(data: Path) -> TestClient:
     settings = Settings(data_dir=data, token="other", executor="none")
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url="http://127.0.0.1")
 
 
 def test_token_create_prints_an_admin_token_that_authenticates(tmp_path, capsys):

@@ -75,7 +75,7 @@ def run_id(db_session) -> str:
 def auth_client(settings: Settings) -> Iterator[TestClient]:
     """The same database, with auth enforced (an admin token is configured)."""
     app = create_app(settings.model_copy(update={"token": ADMIN_TOKEN}))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
     app.state.engine.dispose()
 
@@ -205,7 +205,7 @@ def test_names_outside_the_pattern_are_422(client, settings, run_id, name):
 def test_over_the_limit_is_413_with_nothing_kept(settings, run_id, db_session):
     small = settings.model_copy(update={"max_upload_bytes": 1000})
     app = create_app(small)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         declared = put(client, run_id, "big.bin", os.urandom(1001))
         assert declared.status_code == 413
         assert "1000" in declared.json()["detail"]

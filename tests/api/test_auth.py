@@ -18,7 +18,7 @@ ADMIN = {"Authorization": "Bearer secret"}
 def secure_client(settings: Settings) -> Iterator[TestClient]:
     """The app with an admin token configured (so no open access)."""
     app = create_app(settings.model_copy(update={"token": "secret"}))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
     app.state.engine.dispose()
 

@@ -66,7 +66,7 @@ def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 @pytest.fixture
 def auth_client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings.model_copy(update={"token": ADMIN_TOKEN}))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
     app.state.engine.dispose()
 
@@ -260,7 +260,7 @@ def test_over_the_limit_is_413_while_streaming_and_nothing_is_kept(settings, db_
     data = save({"w": torch.zeros(1024)})  # > 2048 bytes
     assert len(data) > 2048
     app = create_app(small)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         response = post(client, "big.safetensors", data)
         assert response.status_code == 413
         assert "2048" in response.json()["detail"]
@@ -297,7 +297,7 @@ def test_a_pt_that_unpacks_beyond_the_limit_is_refused(settings):
         archive.writestr("archive/data.pkl", b"\0" * 200_000)  # compresses to a few hundred bytes
     small = settings.model_copy(update={"max_upload_bytes": 10_000})
     app = create_app(small)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         response = post(client, "bomb.pt", buffer.getvalue())
     app.state.engine.dispose()
     assert response.status_code == 422

@@ -469,11 +469,14 @@ def test_the_executor_comes_from_the_settings(settings: Settings, ray_url: str) 
         make_executor(ray_settings(settings, None))
     # the app's lifespan runs the supervisor for ray, and refuses to start without an address
     app = create_app(ray_settings(settings, ray_url))
-    with TestClient(app):
+    with TestClient(app, base_url="http://127.0.0.1"):
         assert isinstance(app.state.supervisor.executor, RayExecutor)
     app.state.engine.dispose()
     app = create_app(ray_settings(settings, None))
-    with pytest.raises(ValueError, match="KDLAB_RAY_ADDRESS"), TestClient(app):
+    with (
+        pytest.raises(ValueError, match="KDLAB_RAY_ADDRESS"),
+        TestClient(app, base_url="http://127.0.0.1"),
+    ):
         pass
     app.state.engine.dispose()
 

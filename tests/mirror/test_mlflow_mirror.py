@@ -67,7 +67,7 @@ def api(mirrored: Settings) -> Iterator[TestClient]:
     from backend.main import create_app
 
     app = create_app(mirrored.model_copy(update={"mlflow_tracking_uri": "none"}))
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
         yield test_client
     app.state.engine.dispose()
 

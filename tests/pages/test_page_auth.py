@@ -18,7 +18,7 @@ TOKEN = "page-secret"
 @pytest.fixture
 def secure_client(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings.model_copy(update={"token": TOKEN}))
-    with TestClient(app, follow_redirects=False) as test_client:
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as test_client:
         yield test_client
     app.state.engine.dispose()
 
@@ -26,7 +26,7 @@ def secure_client(settings: Settings) -> Iterator[TestClient]:
 def _signed_in(client: TestClient) -> str:
     """Sign in through the form; the page's CSRF token."""
     answer = client.post(
-        "/signin", data={"token": TOKEN, "next": "/"}, headers={"Origin": "http://testserver"}
+        "/signin", data={"token": TOKEN, "next": "/"}, headers={"Origin": "http://127.0.0.1"}
     )
     assert answer.status_code == 303 and answer.headers["location"] == "/"
     page = client.get("/")
@@ -47,13 +47,13 @@ def test_a_page_without_a_session_redirects_to_sign_in(secure_client: TestClient
 
 def test_sign_in_sets_an_httponly_strict_cookie(secure_client: TestClient) -> None:
     wrong = secure_client.post(
-        "/signin", data={"token": "nope"}, headers={"Origin": "http://testserver"}
+        "/signin", data={"token": "nope"}, headers={"Origin": "http://127.0.0.1"}
     )
     assert wrong.status_code == 401 and "That token is not valid" in wrong.text
     answer = secure_client.post(
         "/signin",
         data={"token": TOKEN, "next": "https://elsewhere.example/"},
-        headers={"Origin": "http://testserver"},
+        headers={"Origin": "http://127.0.0.1"},
     )
     assert answer.headers["location"] == "/"  # never off-site
     cookie = answer.headers["set-cookie"]

@@ -89,9 +89,7 @@ def test_a_write_that_cannot_get_the_lock_is_a_503_that_stores_nothing(live_serv
     assert stored_count(live_server, run_id) == 50
 
 
-def test_the_workers_client_waits_out_a_held_lock_and_every_point_lands_once(
-    live_server, settings
-):
+def test_the_workers_client_waits_out_a_held_lock_and_every_point_lands_once(live_server, settings):
     run_id, auth = external_run(live_server)
     token = auth["Authorization"].removeprefix("Bearer ")
     sent: dict[str, int] = {}

@@ -23,8 +23,7 @@ POINTS = '{"points": [{"key": "train/loss_total", "step": 1, "value": 0.5}]}'
 
 
 def browser_client(settings: Settings, base_url: str = SERVER) -> TestClient:
-    """Like a browser on this machine: a real peer address (not Starlette's in-process
-    "testclient", which the Host check leaves alone) and the Host of `base_url`."""
+    """Like a browser on this machine: a loopback peer address and the Host of `base_url`."""
     return TestClient(create_app(settings), base_url=base_url, client=("127.0.0.1", 50000))
 
 
@@ -185,3 +184,13 @@ def test_the_dashboards_own_forms_still_work(web: TestClient, run_id: str) -> No
     )  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert _cancel_requested(web, run_id)
+
+
+def test_no_client_address_escapes_the_host_check(settings: Settings) -> None:
+    # behind uvicorn's proxy headers the peer address is whatever X-Forwarded-For says, so
+    # the check must not depend on it (not even on Starlette's in-process "testclient")
+    app = create_app(settings)
+    for peer in (("testclient", 50000), ("127.0.0.1", 50000)):
+        with TestClient(app, base_url="http://evil.example:8000", client=peer) as client:
+            assert client.get("/api/health").status_code == 400, peer
+    app.state.engine.dispose()

@@ -24,7 +24,7 @@ REVOKED = "this run's token was revoked when the run finished"
 @pytest.fixture
 def secure(settings: Settings) -> Iterator[TestClient]:
     app = create_app(settings.model_copy(update={"token": TOKEN}))
-    with TestClient(app, follow_redirects=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as client:
         yield client
     app.state.engine.dispose()
 
@@ -101,7 +101,7 @@ def _assert_security_headers(response: Response, what: str) -> None:
 def test_security_headers_on_every_kind_of_response(settings: Settings) -> None:
     small = settings.model_copy(update={"max_body_bytes": 64})
     app = create_app(small)
-    with TestClient(app, follow_redirects=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as client:
         run_id = client.post("/api/runs", json={"kind": "external", "name": "h"}).json()["id"]
         client.post(f"/api/runs/{run_id}/status", json={"status": "succeeded"})
         cases = {
@@ -129,7 +129,7 @@ def test_security_headers_on_every_kind_of_response(settings: Settings) -> None:
 
 def test_security_headers_on_a_refused_foreign_host(settings: Settings) -> None:
     app = create_app(settings)
-    with TestClient(app, client=("127.0.0.1", 50000)) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         response = client.get("/api/runs", headers={"Host": "evil.example"})
         assert response.status_code == 400
         _assert_security_headers(response, "400 foreign host")
@@ -172,7 +172,7 @@ def test_docs_and_schema_need_the_token(secure: TestClient) -> None:
     assert schema.status_code == 401
     assert secure.get("/api/openapi.json", headers=ADMIN).status_code == 200
     signed_in = secure.post(
-        "/signin", data={"token": TOKEN, "next": "/docs"}, headers={"Origin": "http://testserver"}
+        "/signin", data={"token": TOKEN, "next": "/docs"}, headers={"Origin": "http://127.0.0.1"}
     )
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/docs"
     assert secure.get("/docs").status_code == 200
