@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from backend.short_errors import shorten
+
 
 class ServiceError(Exception):
     status_code = 400
@@ -49,6 +51,7 @@ class Invalid(ServiceError):
     status_code = 422
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
+        errors = shorten(errors)  # every 422 echoes only a short prefix of the input
         lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         super().__init__(lines, detail=errors)
 

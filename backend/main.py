@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,8 +15,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
+from backend.body_limit import BodyLimit
 from backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
-from backend.errors import Invalid, PayloadTooLarge, ServiceError, Unavailable
+from backend.errors import Invalid, ServiceError, Unavailable
 from backend.mlflow_mirror import MlflowMirror
 from backend.pages import compare as compare_page
 from backend.pages import docs as docs_page
@@ -27,6 +28,7 @@ from backend.pages import security, signin
 from backend.pages.errors import is_page_request, page_error
 from backend.pages.templating import STATIC_DIR
 from backend.settings import Settings
+from backend.short_errors import shorten
 
 API_PREFIX = "/api"
 logger = logging.getLogger(__name__)
@@ -50,9 +52,10 @@ def _database_error(request: Request, exc: Exception) -> Response:
 
 async def _request_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    errors = shorten(exc.errors())  # never echo a huge input back
     if is_page_request(request):
-        return page_error(request, 422, Invalid(list(exc.errors())).message)
-    return await request_validation_exception_handler(request, exc)
+        return page_error(request, 422, Invalid(errors).message)
+    return await request_validation_exception_handler(request, RequestValidationError(errors))
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
@@ -63,20 +66,6 @@ def _internal_error(request: Request, exc: Exception) -> Response:
         response = PlainTextResponse("Internal server error; see the server's log.", 500)
     security.add_security_headers(response.raw_headers)
     return response
-
-
-def _limit_body(app: FastAPI, max_bytes: int) -> None:
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable) -> Response:
-        length = request.headers.get("content-length")
-        is_upload = (
-            request.url.path.startswith(f"{API_PREFIX}/uploads")
-            or "/artifacts/" in request.url.path
-        )
-        if length and length.isdigit() and int(length) > max_bytes and not is_upload:
-            error = PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
-            return _service_error(request, error)
-        return await call_next(request)
 
 
 @asynccontextmanager
@@ -137,7 +126,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(SQLAlchemyTimeoutError, _database_error)
     app.add_exception_handler(Exception, _internal_error)
-    _limit_body(app, settings.max_body_bytes)
+    app.add_middleware(BodyLimit)  # inside the security middleware: its 413 gets their headers
     security.install(app)
     resources = (health, catalog, runs, metrics, compare, artifacts, uploads)
     for router in (r.router for r in resources):

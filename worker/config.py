@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import Self
 
 __all__ = [
@@ -34,6 +37,8 @@ __all__ = [
     "BalancerSpec",
     "DatasetSpec",
     "DistillSpec",
+    "ExperimentName",
+    "JsonObject",
     "LossSpec",
     "ModelSpec",
     "OptimizerSpec",
@@ -41,11 +46,13 @@ __all__ = [
     "Params",
     "ResourcesSpec",
     "RunConfig",
+    "RunName",
     "SchedulerSpec",
     "TeacherSpec",
     "TeacherWeights",
     "TrainSpec",
     "balancer_params_schema",
+    "check_json_object",
     "error_lines",
     "load_run_config",
     "run_config_json_schema",
@@ -73,8 +80,65 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}{hint} Available: {', '.join(choices) or '(none)'}"
 
 
+# --------------------------------------------------------------------------- bounds
+
+# Every number of a config is finite (`allow_inf_nan=False` on every model below, and
+# `check_json_object` for free-form params) and bounded: an absurd value is a 422 at submit,
+# never a failure later in the worker. Each bound lives here, next to the fields using it.
+SEED_LIMIT = 2**32  # seeds are < 2**32: sklearn's random_state (the split) takes [0, 2**32 - 1]
+MAX_STEPS = 2**62  # step counts; metrics.step is a BIGINT (< 2**63)
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_GPUS = 64  # GPUs one run holds (one machine)
+MAX_PAIRS = 128  # distillation layer pairs of one run
+MAX_PARAMS_DEPTH = 32  # nesting of lists/objects in free-form params
+MAX_PARAMS_INT = 2**63  # integers in free-form params fit a signed 64-bit integer
+
+
+def _json_errors(value: Any, loc: tuple[str | int, ...], depth: int) -> Iterable[InitErrorDetails]:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield InitErrorDetails(type="finite_number", loc=loc, input=value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -MAX_PARAMS_INT <= value < MAX_PARAMS_INT:
+            yield InitErrorDetails(
+                type=PydanticCustomError(
+                    "int_too_large", "integers must be within ±2**63 (a signed 64-bit integer)"
+                ),
+                loc=loc,
+                input=value,
+            )
+    elif isinstance(value, (dict, list)):
+        if depth > MAX_PARAMS_DEPTH:
+            yield InitErrorDetails(
+                type=PydanticCustomError(
+                    "too_deep",
+                    "nested more than {limit} levels deep",
+                    {"limit": MAX_PARAMS_DEPTH},
+                ),
+                loc=loc,
+                input="...",
+            )
+            return
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            yield from _json_errors(item, (*loc, key), depth + 1)
+
+
+def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form params: every number finite and within 64 bits, at most MAX_PARAMS_DEPTH
+    levels of nesting; a ValidationError naming the path of each bad value otherwise."""
+    errors = list(_json_errors(value, (), 1))
+    if errors:
+        raise ValidationError.from_exception_data("params", errors)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Params(_Strict):
@@ -121,7 +185,7 @@ class DatasetSpec(_Strict):
     """A dataset from the catalog and how to split it."""
 
     name: str = Field(description="Catalog dataset name (see `GET /api/catalog`).")
-    params: dict[str, Any] = _params_field("dataset")
+    params: JsonObject = _params_field("dataset")
     val_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share of the data held out for validation."
     )
@@ -146,7 +210,7 @@ class ModelSpec(_Strict):
     """A model architecture from the catalog."""
 
     name: str = Field(description="Catalog model name (see `GET /api/catalog`).")
-    params: dict[str, Any] = _params_field("model")
+    params: JsonObject = _params_field("model")
 
     @field_validator("name")
     @classmethod
@@ -205,7 +269,7 @@ class LossSpec(_Strict):
     """A KD loss from `worker.kd.losses.LOSSES`."""
 
     name: str = Field(default="logits_kl", description="KD loss name, e.g. logits_kl, feature_mse.")
-    params: dict[str, Any] = _params_field("loss")
+    params: JsonObject = _params_field("loss")
 
     @field_validator("name")
     @classmethod
@@ -283,7 +347,7 @@ class BalancerSpec(_Strict):
         description="static: (1−Σw)·student + Σ wᵢ·kdᵢ; dynamic: KD terms rescaled to the "
         "student loss magnitude first.",
     )
-    params: dict[str, Any] = Field(
+    params: JsonObject = Field(
         default={"kd_weight": 0.5},
         validate_default=True,
         description="kd_weight: a float in [0, 1], or one weight per pair summing to at most 1; "
@@ -330,7 +394,7 @@ class AdapterSpec(_Strict):
         default="normalization",
         description="normalization: (x·std_from + mean_from − mean_to) / std_to, per channel.",
     )
-    params: dict[str, Any] = Field(
+    params: JsonObject = Field(
         description="mean_from, std_from (the student's normalization) and mean_to, std_to "
         "(the teacher's): a float or one value per channel."
     )
@@ -348,6 +412,7 @@ class DistillSpec(_Strict):
     pairs: list[PairSpec] = Field(
         default=[PairSpec()],
         min_length=1,
+        max_length=MAX_PAIRS,
         description="Student ↔ teacher layer pairs; the default distills the model outputs.",
     )
     balancer: BalancerSpec = Field(default=BalancerSpec(), description="Loss balancer.")
@@ -397,14 +462,20 @@ class SchedulerSpec(_Strict):
     name: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Decay after warm-up."
     )
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 to lr.")
+    warmup_steps: int = Field(
+        default=0, ge=0, le=MAX_STEPS, description="Linear warm-up steps from 0 to lr."
+    )
 
 
 class TrainSpec(_Strict):
     """The training loop."""
 
-    epochs: int = Field(default=10, ge=1, description="Passes over the training split.")
-    batch_size: int = Field(default=64, ge=1, description="Examples per optimizer step.")
+    epochs: int = Field(
+        default=10, ge=1, le=MAX_EPOCHS, description="Passes over the training split."
+    )
+    batch_size: int = Field(
+        default=64, ge=1, le=MAX_BATCH_SIZE, description="Examples per optimizer step."
+    )
     optimizer: OptimizerSpec = Field(default=OptimizerSpec(), description="Optimizer.")
     scheduler: SchedulerSpec = Field(default=SchedulerSpec(), description="LR schedule.")
     amp: Literal["none", "bf16", "fp16"] = Field(
@@ -416,8 +487,12 @@ class TrainSpec(_Strict):
     ema_decay: float | None = Field(
         default=None, gt=0, lt=1, description="Keep an EMA of the student weights; null = off."
     )
-    log_every: int = Field(default=10, ge=1, description="Log train metrics every N steps.")
-    eval_every_epochs: int = Field(default=1, ge=1, description="Evaluate every N epochs.")
+    log_every: int = Field(
+        default=10, ge=1, le=MAX_STEPS, description="Log train metrics every N steps."
+    )
+    eval_every_epochs: int = Field(
+        default=1, ge=1, le=MAX_EPOCHS, description="Evaluate every N epochs."
+    )
     best_metric: str = Field(
         default="eval/student_acc",
         min_length=1,
@@ -428,31 +503,39 @@ class TrainSpec(_Strict):
         description="Supervised loss on labels; none = pure KD (distill runs only).",
     )
     max_steps: int | None = Field(
-        default=None, ge=1, description="Stop after this many steps; null = run all epochs."
+        default=None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Stop after this many steps; null = run all epochs.",
     )
 
 
 class ResourcesSpec(_Strict):
     """What the run needs from the machine."""
 
-    gpus: int = Field(default=0, ge=0, description="GPUs to hold; 0 runs on CPU.")
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS, description="GPUs to hold; 0 runs on CPU.")
 
 
 # --------------------------------------------------------------------------- the run
 
 
-RunName = Annotated[
-    str,
-    Field(
+# The one rule for run and experiment names: what a URL, a file name and a page show safely.
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+NAME_MAX_LENGTH = 100
+
+
+def _name(description: str) -> Any:
+    return Field(
         min_length=1,
-        max_length=100,
-        pattern=r"^[A-Za-z0-9._-]+$",
-        description="Run name: letters, digits, '.', '_' and '-'.",
-    ),
-]
-ExperimentName = Annotated[
-    str, Field(min_length=1, max_length=200, description="Experiment it belongs to.")
-]
+        max_length=NAME_MAX_LENGTH,
+        pattern=NAME_PATTERN,
+        description=f"{description}: letters, digits, '.', '_' and '-' (at most "
+        f"{NAME_MAX_LENGTH}).",
+    )
+
+
+RunName = Annotated[str, _name("Run name")]
+ExperimentName = Annotated[str, _name("Experiment it belongs to")]
 
 
 class RunConfig(_Strict):
@@ -464,7 +547,12 @@ class RunConfig(_Strict):
     kind: Literal["distill", "train"] = Field(
         description="distill: teacher → student; train: one model on the labels."
     )
-    seed: int = Field(default=0, ge=0, description="Seed for initialisation, data split and order.")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        lt=SEED_LIMIT,
+        description="Seed for initialisation, data split and order (0 ≤ seed < 2**32).",
+    )
     dataset: DatasetSpec = Field(description="Training data.")
     student: ModelSpec = Field(description="The model trained (in a train run: the only model).")
     teacher: TeacherSpec | None = Field(

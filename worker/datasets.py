@@ -21,11 +21,18 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from typing_extensions import Self
 
 from worker.catalog import CatalogEntry, DataBundle, DataInfo
-from worker.config import Params
+from worker.config import SEED_LIMIT, Params
 
 IGNORE_INDEX = -100
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"})
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# bounds of the generated / decoded data (a 422 at submit rather than an out-of-memory later)
+MAX_EXAMPLES = 10_000_000
+MAX_ELEMENTS = 2**28  # numbers a synthetic generator makes in one array (1 GiB of float32)
+MAX_FEATURES = 65_536  # input dimension, classes
+MAX_SEQ_LEN = 65_536
+MAX_VOCAB = 16_384  # synthetic_lm draws a vocab × vocab transition matrix
+MAX_IMAGE_SIZE = 4096
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -153,17 +160,30 @@ def labelled_subset(
 
 
 class SyntheticClassificationParams(Params):
-    n_samples: int = Field(default=2048, ge=2, description="Examples in total.")
-    n_features: int = Field(default=32, ge=1, description="Input dimension.")
-    n_classes: int = Field(default=10, ge=2, description="Classes (balanced).")
-    clusters_per_class: int = Field(default=2, ge=1, description="Gaussian blobs per class.")
+    n_samples: int = Field(default=2048, ge=2, le=MAX_EXAMPLES, description="Examples in total.")
+    n_features: int = Field(default=32, ge=1, le=MAX_FEATURES, description="Input dimension.")
+    n_classes: int = Field(default=10, ge=2, le=MAX_FEATURES, description="Classes (balanced).")
+    clusters_per_class: int = Field(
+        default=2, ge=1, le=MAX_FEATURES, description="Gaussian blobs per class."
+    )
     noise: float = Field(default=1.0, gt=0, description="Std of the noise around each blob.")
-    seed: int = Field(default=0, ge=0, description="Seed of the generator (not of the split).")
+    seed: int = Field(
+        default=0, ge=0, lt=SEED_LIMIT, description="Seed of the generator (not of the split)."
+    )
 
     @model_validator(mode="after")
     def _two_per_class(self) -> Self:
         if self.n_samples < 2 * self.n_classes:
             raise ValueError("n_samples must be at least 2 × n_classes (one train, one val each)")
+        sizes = {
+            "n_samples × n_features": self.n_samples * self.n_features,
+            "n_classes × clusters_per_class × n_features": self.n_classes
+            * self.clusters_per_class
+            * self.n_features,
+        }
+        for what, size in sizes.items():
+            if size > MAX_ELEMENTS:
+                raise ValueError(f"{what} = {size} is more than the {MAX_ELEMENTS} numbers allowed")
         return self
 
 
@@ -183,15 +203,26 @@ def synthetic_classification(
 
 
 class SyntheticLMParams(Params):
-    n_sequences: int = Field(default=512, ge=2, description="Sequences in total.")
-    seq_len: int = Field(default=64, ge=2, description="Tokens per sequence.")
-    vocab_size: int = Field(default=256, ge=2, description="Vocabulary size.")
+    n_sequences: int = Field(default=512, ge=2, le=MAX_EXAMPLES, description="Sequences in total.")
+    seq_len: int = Field(default=64, ge=2, le=MAX_SEQ_LEN, description="Tokens per sequence.")
+    vocab_size: int = Field(default=256, ge=2, le=MAX_VOCAB, description="Vocabulary size.")
     concentration: float = Field(
         default=0.1,
         gt=0,
         description="Dirichlet concentration of the transitions (small = peaked).",
     )
-    seed: int = Field(default=0, ge=0, description="Seed of the generator (not of the split).")
+    seed: int = Field(
+        default=0, ge=0, lt=SEED_LIMIT, description="Seed of the generator (not of the split)."
+    )
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> Self:
+        size = self.n_sequences * self.seq_len
+        if size > MAX_ELEMENTS:
+            raise ValueError(
+                f"n_sequences × seq_len = {size} is more than the {MAX_ELEMENTS} tokens allowed"
+            )
+        return self
 
 
 def _markov_tokens(p: SyntheticLMParams) -> np.ndarray:
@@ -219,7 +250,7 @@ def synthetic_lm(
 
 
 class TextFileParams(_DataPathParams):
-    seq_len: int = Field(default=128, ge=1, description="Bytes per sequence.")
+    seq_len: int = Field(default=128, ge=1, le=MAX_SEQ_LEN, description="Bytes per sequence.")
 
 
 def text_file(
@@ -246,7 +277,9 @@ def text_file(
 
 
 class ImageFolderParams(_DataPathParams):
-    image_size: int = Field(default=32, ge=1, description="Images are resized to size × size.")
+    image_size: int = Field(
+        default=32, ge=1, le=MAX_IMAGE_SIZE, description="Images are resized to size × size."
+    )
     channels: Literal[1, 3] = Field(default=3, description="1 = grayscale, 3 = RGB.")
 
 

@@ -22,7 +22,9 @@ from worker.config import Params
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
-_Width = Annotated[int, Field(ge=1)]
+MAX_WIDTH = 65_536  # units / channels / hidden size of one layer
+MAX_LAYERS = 64  # hidden layers of an mlp, conv blocks of a cnn_small, blocks of a gpt2
+_Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -46,7 +48,9 @@ def _image_shape(info: DataInfo, owner: str) -> tuple[int, int, int]:
 
 
 class MLPParams(Params):
-    hidden: list[_Width] = Field(default=[128], description="Width of each hidden layer.")
+    hidden: list[_Width] = Field(
+        default=[128], max_length=MAX_LAYERS, description="Width of each hidden layer."
+    )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout after each block.")
     activation: Literal["relu", "gelu"] = Field(default="relu", description="Activation.")
 
@@ -92,7 +96,10 @@ def mlp(params: dict[str, Any], info: DataInfo) -> nn.Module:
 
 class CNNParams(Params):
     channels: list[_Width] = Field(
-        default=[16, 32], min_length=1, description="Output channels of each conv block."
+        default=[16, 32],
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="Output channels of each conv block.",
     )
 
 
@@ -176,9 +183,11 @@ def resnet50(params: dict[str, Any], info: DataInfo) -> nn.Module:
 
 
 class GPT2Params(Params):
-    n_layer: int = Field(default=2, ge=1, description="Transformer blocks.")
-    n_head: int = Field(default=2, ge=1, description="Attention heads (must divide n_embd).")
-    n_embd: int = Field(default=64, ge=1, description="Hidden size.")
+    n_layer: int = Field(default=2, ge=1, le=MAX_LAYERS, description="Transformer blocks.")
+    n_head: int = Field(
+        default=2, ge=1, le=MAX_WIDTH, description="Attention heads (must divide n_embd)."
+    )
+    n_embd: int = Field(default=64, ge=1, le=MAX_WIDTH, description="Hidden size.")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Residual/embedding/attn dropout.")
 
     @model_validator(mode="after")

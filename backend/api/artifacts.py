@@ -77,6 +77,7 @@ async def put_artifact(
     streams to disk with its sha256 computed on the way; a body over the upload limit gets 413 and
     a sha256 other than `X-Content-SHA256` gets 422, with nothing kept. Uploading a name again
     replaces the file (200 instead of 201). The exported student is `student.safetensors`.
+    A finished run's artifacts (succeeded, failed, cancelled) are read-only: 409 for any token.
     """
     length = request.headers.get("content-length")
     artifact, created = await service.put_artifact(

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from backend.api.deps import PrincipalDep, SessionDep, SettingsDep
 from backend.errors import Invalid
 from backend.schemas.metrics import (
+    MAX_STEP,
     MetricBatchAccepted,
     MetricBatchIn,
     MetricKeysResponse,
@@ -23,6 +24,7 @@ from backend.schemas.metrics import (
 from backend.services import metrics
 from backend.services.auth import Principal
 from backend.services.downsample import Window
+from backend.short_errors import shorten
 
 router = APIRouter(tags=["metrics"])
 
@@ -32,10 +34,18 @@ def window_params(
         int, Query(ge=1, description="Most buckets per series (≤ KDLAB_MAX_POINTS_PER_QUERY).")
     ] = 1000,
     x: Annotated[XAxis, Query(description="Bucket by `step` or by wall `time`.")] = "step",
-    min_step: Annotated[int | None, Query(ge=0, description="Zoom: first step shown.")] = None,
-    max_step: Annotated[int | None, Query(ge=0, description="Zoom: last step shown.")] = None,
-    min_time: Annotated[float | None, Query(description="Zoom: earliest Unix time.")] = None,
-    max_time: Annotated[float | None, Query(description="Zoom: latest Unix time.")] = None,
+    min_step: Annotated[
+        int | None, Query(ge=0, le=MAX_STEP, description="Zoom: first step shown.")
+    ] = None,
+    max_step: Annotated[
+        int | None, Query(ge=0, le=MAX_STEP, description="Zoom: last step shown.")
+    ] = None,
+    min_time: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Zoom: earliest Unix time.")
+    ] = None,
+    max_time: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Zoom: latest Unix time.")
+    ] = None,
 ) -> Window:
     return Window(max_points, x, min_step, max_step, min_time, max_time)
 
@@ -68,12 +78,12 @@ async def metric_batch(request: Request) -> MetricBatchIn:
         return MetricBatchIn.model_validate_json(await request.body())
     except ValidationError as error:
         raise RequestValidationError(
-            [
+            shorten(  # the first errors, each input cut short: never a huge echo
                 # like FastAPI: a body that is not JSON is not echoed back
                 {**e, "loc": ("body", *e["loc"])}
                 | ({"input": {}} if e["type"] == "json_invalid" else {})
                 for e in error.errors(include_url=False, include_context=False)
-            ]
+            )
         ) from None
 
 

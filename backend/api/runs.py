@@ -16,6 +16,7 @@ from backend.api.deps import (
     SettingsDep,
     get_principal,
 )
+from backend.json_depth import DepthCheckedRoute
 from backend.schemas.runs import (
     CloneRequest,
     ExternalRunCreated,
@@ -31,7 +32,8 @@ from backend.schemas.runs import (
 from backend.services import live
 from backend.services import runs as service
 
-router = APIRouter(prefix="/runs", tags=["runs"])
+# a JSON body nested too deep is a 422 before FastAPI parses it (see backend.json_depth)
+router = APIRouter(prefix="/runs", tags=["runs"], route_class=DepthCheckedRoute)
 
 RunBody = Annotated[
     dict[str, Any],
@@ -81,7 +83,7 @@ def list_runs(
     _: AdminDep,
     filters: RunFiltersDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=service.MAX_OFFSET)] = 0,
 ) -> RunList:
     """Runs, newest first unless `sort` says otherwise; `status` may repeat."""
     return service.list_runs(session, **filters.as_kwargs(), limit=limit, offset=offset)

@@ -57,7 +57,7 @@ def runs_page(
     request: Request,
     session: SessionDep,
     filters: RunFiltersDep,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=service.MAX_OFFSET // PAGE_SIZE)] = 1,
 ) -> Response:
     if filters.sort not in dict(SORT_CHOICES):
         raise Invalid.at(["query", "sort"], f"unknown sort {filters.sort!r}")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.config import ExperimentName, RunName
+from worker.config import ExperimentName, JsonObject, RunName
 
 RunStatus = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -56,7 +56,10 @@ class ExternalRunCreate(BaseModel):
     kind: Literal["external"]
     name: RunName
     experiment: ExperimentName = "default"
-    params: dict[str, Any] = Field(default={}, description="Free-form parameters to record.")
+    params: JsonObject = Field(
+        default={},
+        description="Free-form parameters to record (finite numbers, at most 32 levels deep).",
+    )
 
 
 class RunList(BaseModel):
@@ -67,12 +70,8 @@ class RunList(BaseModel):
 class CloneRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=100,
-        pattern=r"^[A-Za-z0-9._-]+$",
-        description="Name of the new run; default: the source run's name.",
+    name: RunName | None = Field(
+        default=None, description="Name of the new run; default: the source run's name."
     )
 
 

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.db.models import Artifact, Run, utcnow
 from backend.errors import Conflict, Invalid, NotFound
+from backend.schemas.runs import FINISHED
 from backend.services import storage
 from backend.services.auth import Principal
 from backend.settings import Settings
@@ -199,7 +200,7 @@ def _record(
     """Insert or replace the row; returns it and the replaced file's relative path."""
     for attempt in range(2):
         try:
-            get_run(session, run_id)
+            check_writable(get_run(session, run_id))  # it may have finished meanwhile
             artifact = session.scalar(
                 select(Artifact)
                 .where(Artifact.run_id == run_id, Artifact.name == name)
@@ -225,9 +226,15 @@ def _record(
     raise AssertionError("unreachable")
 
 
+def check_writable(run: Run) -> None:
+    """A finished run's artifacts are read-only (for every token, admin too)."""
+    if run.status in FINISHED:
+        raise Conflict(f"run {run.id} already {run.status}; its artifacts are read-only")
+
+
 def _prepare_put(session: Session, principal: Principal, run_id: str) -> None:
     principal.require_run(run_id)
-    get_run(session, run_id)
+    check_writable(get_run(session, run_id))
     session.commit()  # end the transaction: no lock is held while the body streams in
 
 

@@ -48,13 +48,24 @@ def create_token(
     return token
 
 
+BEARER_FORMAT = "Authorization header must be 'Bearer <token>'"
+
+
 def _bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; 401 for any other shape.
+
+    Tokens are printable ASCII (ours are URL-safe base64): a header with any other byte
+    (Starlette decodes header bytes as latin-1) or with spaces inside the token is refused
+    here, before any comparison."""
     if not header:
         return None
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise Unauthorized("Authorization header must be 'Bearer <token>'")
-    return value.strip()
+    token = value.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(BEARER_FORMAT)
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise Unauthorized(f"{BEARER_FORMAT}; the token must be printable ASCII without spaces")
+    return token
 
 
 def authenticate(session: Session, settings: Settings, header: str | None) -> Principal:
@@ -63,7 +74,7 @@ def authenticate(session: Session, settings: Settings, header: str | None) -> Pr
         if settings.open_access:
             return ADMIN
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    if settings.token is not None and hmac.compare_digest(token, settings.token):
+    if settings.token is not None and hmac.compare_digest(token.encode(), settings.token.encode()):
         return ADMIN
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
     if row is None:

@@ -20,16 +20,32 @@ from torch import nn
 from torch.func import functional_call
 
 from backend.errors import Invalid, NotFound
+from backend.json_depth import too_deep, too_deep_error
 from backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossParam
 from worker import catalog
 from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
 from worker.kd.loss_balancers import BALANCERS
 from worker.kd.losses import LOSSES
 from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import OUTPUT, capture_outputs, probe_outputs
+from worker.kd.probe import (
+    OUTPUT,
+    Deadline,
+    ProbeLimit,
+    capture_outputs,
+    check_deadline,
+    deadline_scope,
+    probe_outputs,
+)
 
 PROBE_BATCH = 2
 CPU_PROBE_MAX_PARAMS = 50_000_000  # larger models are probed uninitialised (see probe_model)
+# The probe's size and time box (a dry run answers in seconds, whatever the config asks for):
+PROBE_MAX_MODULES = 5_000  # named modules of one model (a 64-block gpt2 has under 1,000)
+PROBE_MAX_PARAMS = 10_000_000_000  # parameters of one model probed on meta/fake tensors (free)
+# a model whose meta and fake probes both fail is run for real on the CPU: at most this many
+# parameters (4 GB in fp32), so a dry run cannot exhaust the server's memory
+CPU_FORWARD_MAX_PARAMS = 1_000_000_000
+PROBE_TIME_LIMIT_S = 30.0  # one dry run: every model built and probed within this
 
 Loc = list[str | int]
 
@@ -173,8 +189,27 @@ def _fake_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
     return result
 
 
+def check_probe_size(model: nn.Module) -> None:
+    """ProbeLimit when `model` has more modules or parameters than the probe handles."""
+    modules = sum(1 for _ in model.modules())
+    if modules > PROBE_MAX_MODULES:
+        raise ProbeLimit(
+            f"{modules} layers (modules); the probe handles at most {PROBE_MAX_MODULES}: "
+            "use fewer layers"
+        )
+    params = sum(p.numel() for p in model.parameters())
+    if params > PROBE_MAX_PARAMS:
+        raise ProbeLimit(
+            f"{params:,} parameters; the probe handles at most {PROBE_MAX_PARAMS:,}: "
+            "use a smaller model"
+        )
+
+
 def probe_model(
-    spec: ModelSpec, info: catalog.DataInfo, input_transform: Transform | None = None
+    spec: ModelSpec,
+    info: catalog.DataInfo,
+    input_transform: Transform | None = None,
+    deadline: Deadline | None = None,
 ) -> Probe:
     """Build `spec` for `info` and record every named module's output, as cheaply as possible.
 
@@ -185,7 +220,18 @@ def probe_model(
        (`to_empty`; the probe needs shapes, not values).
     `input_transform` (e.g. a teacher input adapter) is applied to the zero batch first.
     Errors of the builder or the forward pass propagate with their own message.
+
+    Size and time box: a model with more than PROBE_MAX_MODULES modules or PROBE_MAX_PARAMS
+    parameters is refused before its forward, and the probe stops at `deadline` (default:
+    PROBE_TIME_LIMIT_S from now; checked at every module's forward), both with ProbeLimit.
     """
+    with deadline_scope(deadline or Deadline.after(PROBE_TIME_LIMIT_S)):
+        return _probe_model(spec, info, input_transform)
+
+
+def _probe_model(
+    spec: ModelSpec, info: catalog.DataInfo, input_transform: Transform | None
+) -> Probe:
     x = catalog.example_input(info, PROBE_BATCH)
     if input_transform is not None:
         x = input_transform(x)
@@ -196,17 +242,29 @@ def probe_model(
     except Exception:  # a builder that needs real tensors: straight to the CPU
         meta_model = None
     if meta_model is not None:
+        check_probe_size(meta_model)
+        check_deadline()
         names = [name for name, _ in meta_model.named_modules()]
         for mode, probe in (("meta", probe_outputs), ("fake", _fake_outputs)):
             try:
                 return Probe(meta_model, probe(meta_model, names, x), mode)  # type: ignore[arg-type]
+            except ProbeLimit:
+                raise
             except Exception:
+                check_deadline()
                 continue
     size = sum(p.numel() for p in meta_model.parameters()) if meta_model is not None else 0
+    if size > CPU_FORWARD_MAX_PARAMS:
+        raise ProbeLimit(
+            f"{size:,} parameters, and the model does not run on meta or fake tensors: a real "
+            f"forward on the server's CPU handles at most {CPU_FORWARD_MAX_PARAMS:,}"
+        )
     if meta_model is not None and size > CPU_PROBE_MAX_PARAMS:
         model = meta_model.to_empty(device="cpu")
     else:
         model = catalog.build_model(spec, info)  # raises the builder's own error
+        check_probe_size(model)
+    check_deadline()
     names = [name for name, _ in model.named_modules()]
     return Probe(model, probe_outputs(model, names, x), "cpu")
 
@@ -225,6 +283,9 @@ def build_error(err: Exception) -> str:
 def _json_object(text: str | None, loc: Loc) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
+    deep = too_deep(text)  # before json.loads recurses into it
+    if deep is not None:
+        raise Invalid([too_deep_error(deep, loc)])
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

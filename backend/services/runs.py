@@ -185,6 +185,7 @@ SORTS: dict[str, tuple[Any, ...]] = {
     "experiment": (Experiment.name, Run.created_at),
 }
 DEFAULT_SORT = "-created"
+MAX_OFFSET = 2**62  # paging offsets: SQLite and PostgreSQL take a signed 64-bit OFFSET
 
 
 def sort_columns(sort: str) -> list[Any]:

@@ -33,6 +33,7 @@ from backend.errors import Invalid
 from backend.schemas.runs import MemoryEstimate, PairReport
 from backend.services.catalog import (
     PROBE_BATCH,
+    PROBE_TIME_LIMIT_S,
     Probe,
     build_error,
     data_info,
@@ -46,7 +47,7 @@ from worker.config import DatasetSpec, DistillSpec, ModelSpec, RunConfig, Teache
 from worker.kd.adapters import NormalizationAdapter
 from worker.kd.losses import build_loss
 from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import describe_output, display_name, resolve_layer
+from worker.kd.probe import Deadline, ProbeLimit, describe_output, display_name, resolve_layer
 from worker.kd.serialization import METADATA_KEY
 
 Loc = list[str | int]
@@ -108,7 +109,8 @@ def check_config(
     except Exception as err:
         message = f"dataset {config.dataset.name!r}: {build_error(err)}"
         raise Invalid.at([*errors.prefix, "dataset"], message) from None
-    student = _probe(errors, "student", config.student, config.dataset, info)
+    deadline = Deadline.after(PROBE_TIME_LIMIT_S)  # one time box for the whole dry run
+    student = _probe(errors, "student", config.student, config.dataset, info, None, deadline)
     teacher: Probe | None = None
     pairs: list[PairReport] = []
     learned: list[nn.Parameter] = []
@@ -116,7 +118,7 @@ def check_config(
     if config.kind == "distill":
         assert config.teacher is not None and config.distill is not None
         adapter = _input_adapter(errors, config.distill, config.dataset, info)
-        teacher = _probe(errors, "teacher", config.teacher, config.dataset, info, adapter)
+        teacher = _probe(errors, "teacher", config.teacher, config.dataset, info, adapter, deadline)
         if student is not None and teacher is not None:
             pairs, learned = _check_pairs(errors, config.distill, student, teacher)
         teacher_run_id = _check_weights(
@@ -138,9 +140,13 @@ def _probe(
     dataset: DatasetSpec,
     info: catalog.DataInfo,
     adapter: nn.Module | None = None,
+    deadline: Deadline | None = None,
 ) -> Probe | None:
     try:
-        return probe_model(spec, info, adapter)
+        return probe_model(spec, info, adapter, deadline)
+    except ProbeLimit as err:  # too large or too slow to probe: no params dump, just the limit
+        errors.add([role], f"{role} {spec.name!r}: {err}")
+        return None
     except Exception as err:
         errors.add(
             [role],

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +15,50 @@ from torch import nn
 from torch.func import functional_call
 
 OUTPUT = ""  # the layer name that means "the model's own output"
+
+
+class ProbeLimit(ValueError):
+    """A probe refused to go on: the model is too large to probe, or it ran past its deadline."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a probe has to give up (`time.monotonic()` seconds) and the budget it was given."""
+
+    at: float
+    limit_s: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds, seconds)
+
+    def check(self) -> None:
+        if time.monotonic() >= self.at:
+            raise ProbeLimit(
+                f"the dry run took longer than {self.limit_s:g} s; the model is too large or "
+                "too slow to probe here (use fewer or smaller layers)"
+            )
+
+
+_DEADLINE: ContextVar[Deadline | None] = ContextVar("kdlab_probe_deadline", default=None)
+
+
+@contextmanager
+def deadline_scope(deadline: Deadline | None) -> Iterator[None]:
+    """Within the block, `check_deadline()` (and every hook of `capture_outputs`) raises
+    ProbeLimit once `deadline` has passed."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_deadline() -> None:
+    """Raise ProbeLimit if the enclosing `deadline_scope` has run out (no-op outside one)."""
+    deadline = _DEADLINE.get()
+    if deadline is not None:
+        deadline.check()
 
 
 def display_name(layer: str) -> str:
@@ -37,10 +84,12 @@ def capture_outputs(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str
     """Within the block, forward passes record the raw outputs of the named layers."""
     captured: dict[str, Any] = {}
     handles = []
+    modules = dict(model.named_modules())  # once: a lookup per name made probes quadratic
     for name in set(names):
-        module = resolve_layer(model, name, "model")
+        module = modules[name] if name in modules else resolve_layer(model, name, "model")
 
         def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            check_deadline()  # a forward through many modules stops at the deadline
             captured[name] = out
 
         handles.append(module.register_forward_hook(hook))
@@ -95,7 +144,10 @@ def probe_outputs(model: nn.Module, names: Iterable[str], example_input: Any) ->
     with torch.no_grad(), _eval_mode(model), capture_outputs(model, hooked) as seen:
         try:
             out = _meta_forward(model, example_input)
+        except ProbeLimit:
+            raise
         except Exception:  # any op without a meta kernel: pay for one real forward instead
+            check_deadline()
             seen.clear()
             out = _real_forward(model, example_input)
         result = dict(seen)
