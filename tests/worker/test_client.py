@@ -290,10 +290,14 @@ def test_every_call_against_a_real_server(live_server, tmp_path):
     assert f"not run {other.run_id}" in str(caught.value)
 
     assert client.set_status("succeeded")["status"] == "succeeded"
-    with pytest.raises(ApiClientError, match="409 Conflict: run .* is succeeded"):
+    # a finished run is read-only: its token was revoked with the final status
+    with pytest.raises(ApiClientError, match="401 Unauthorized: this run's token was revoked"):
         client.post_metrics(points)
-    with pytest.raises(ApiClientError, match="cannot go from succeeded to running"):
-        client.set_status("running")
+    with ApiClient(live_server, run_id=client.run_id) as admin:  # open server: the admin
+        with pytest.raises(ApiClientError, match="409 Conflict: run .* is succeeded"):
+            admin.post_metrics(points)
+        with pytest.raises(ApiClientError, match="cannot go from succeeded to running"):
+            admin.set_status("running")
 
 
 def test_download_upload(live_server, tmp_path):
@@ -433,7 +437,7 @@ def test_refused_batches_are_kept_aside_not_retried(live_server, tmp_path):
     assert time.monotonic() - started < 10
     assert (sink.rejected_points, sink.unsent_points, sink.sent_points) == (20, 0, 0)
     rejected = (tmp_path / "spool" / "metrics.rejected.jsonl").read_text().splitlines()
-    assert "409 Conflict" in json.loads(rejected[0])["reason"]
+    assert "401 Unauthorized: this run's token was revoked" in json.loads(rejected[0])["reason"]
     assert any("refused a batch of 20 points" in line for line in lines)
 
 
