@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest_compare import (  # noqa: E402  (a sibling script, not a package)
+from ingest_compare import (  # a sibling script, not a package
     cpu_model,
     curve,
     emit,
