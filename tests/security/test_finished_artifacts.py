@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -128,8 +129,12 @@ def test_a_run_that_finishes_while_the_body_streams_keeps_nothing(live_server, s
             )
 
     try:
-        with pytest.raises(Conflict, match=f"run {run_id} already succeeded; its artifacts"):
-            asyncio.run(upload())
+        # in a thread of its own: the browser tests' Playwright keeps a loop in this one
+        with (
+            ThreadPoolExecutor(1) as pool,
+            pytest.raises(Conflict, match=f"run {run_id} already succeeded; its artifacts"),
+        ):
+            pool.submit(asyncio.run, upload()).result()
     finally:
         engine.dispose()
     assert files_under(settings.artifacts_dir) == []
