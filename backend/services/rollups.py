@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, and_, func, literal, literal_column, or_, select
+from sqlalchemy import BigInteger, Table, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -35,21 +35,17 @@ def _block_ranges(rows: list[tuple[str, int, float, float]]) -> dict[str, tuple[
 
 
 def refresh(session: Session, run_id: str, rows: list[tuple[str, int, float, float]]) -> None:
-    """Recompute, in the ingest's transaction, every block the batch `rows` touched."""
-    ranges = _block_ranges(rows)
-    if not ranges:
-        return
+    """Recompute, in the ingest's transaction, every block the batch `rows` touched: one
+    statement per key, so each reads one index range (run, key, steps). One statement with an
+    OR of the keys' ranges made SQLite scan all of the run's points on every batch."""
+    dialect: Any = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
+    for key, (low, high) in _block_ranges(rows).items():
+        session.execute(_refresh_blocks(dialect, run_id, key, low, high))
+
+
+def _refresh_blocks(dialect: Any, run_id: str, key: str, low: int, high: int) -> Any:
+    """INSERT ... SELECT ... ON CONFLICT DO UPDATE of blocks [low, high] of one series."""
     block = (_m.step // literal(ROLLUP_WIDTH, BigInteger)).label("block")
-    touched = or_(
-        *(
-            and_(
-                _m.key == key,
-                _m.step >= low * ROLLUP_WIDTH,
-                _m.step <= min((high + 1) * ROLLUP_WIDTH - 1, MAX_STEP),
-            )
-            for key, (low, high) in ranges.items()
-        )
-    )
     source = (
         select(
             _m.run_id,
@@ -62,21 +58,24 @@ def refresh(session: Session, run_id: str, rows: list[tuple[str, int, float, flo
             func.max(_m.step),
             func.max(_m.wall_time),
         )
-        .where(_m.run_id == run_id, touched)
+        .where(
+            _m.run_id == run_id,
+            _m.key == key,
+            _m.step >= low * ROLLUP_WIDTH,
+            _m.step <= min((high + 1) * ROLLUP_WIDTH - 1, MAX_STEP),
+        )
         .group_by(_m.run_id, _m.key, block)
     )
     columns = ["run_id", "key", "block", "count", "total", "min_value", "max_value"]
     columns += ["last_step", "last_time"]
-    dialect: Any = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
-    insert = dialect.insert(ROLLUPS).from_select(columns, source)
     if dialect is sqlite:
         # SQLite's parser needs a WHERE on INSERT ... SELECT ... ON CONFLICT (an ambiguity)
-        insert = dialect.insert(ROLLUPS).from_select(columns, source.where(literal(True)))
-    upsert = insert.on_conflict_do_update(
+        source = source.where(literal(True))
+    insert = dialect.insert(ROLLUPS).from_select(columns, source)
+    return insert.on_conflict_do_update(
         index_elements=[_r.run_id, _r.key, _r.block],
         set_={name: insert.excluded[name] for name in columns[3:]},
     )
-    session.execute(upsert)
 
 
 def downsample_blocks(
