@@ -134,6 +134,13 @@ def test_idle_streams_hold_no_thread_and_each_token_has_a_cap(
         streams.append(stream)
         return stream
 
+    # warm-up, streams not yet open: the first metric post of an app compiles its statements
+    warm_id, warm_token = runs[-1]
+    warm = {"Authorization": f"Bearer {warm_token}"}
+    first_point = {"points": [{"key": "train/loss", "step": 0, "value": 1.0}]}
+    http.post(f"/api/runs/{warm_id}/metrics", json=first_point, headers=warm).raise_for_status()
+    http.post(f"/api/runs/{warm_id}/heartbeat", json={}, headers=warm).raise_for_status()
+
     by_run = {
         run_id: [open_stream(run_id, token) for _ in range(STREAMS_PER_RUN)]
         for run_id, token in runs
