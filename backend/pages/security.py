@@ -20,7 +20,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.errors import Forbidden
-from backend.origin_guard import RequestGuard
+from backend.origin_guard import UNSAFE_METHODS, RequestGuard
 from backend.services import sessions
 from backend.settings import Settings
 
@@ -29,7 +29,6 @@ CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PUBLIC_PATHS = ("/static/", "/signin", "/api/", "/favicon.ico")
 SIGNIN_PATH = "/signin"
 

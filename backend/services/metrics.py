@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session
 from backend.db.models import Metric, Run
 from backend.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from backend.schemas.metrics import MetricKeyOut, MetricPointIn, SeriesOut
+from backend.schemas.runs import FINISHED
 from backend.services import outbox, rollups
 from backend.services.downsample import Window, downsample
 from backend.settings import Settings
 
-FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 INSERT_CHUNK = 5_000  # rows per statement (PostgreSQL) or executemany (SQLite); one transaction
 MAX_REPORTED_ERRORS = 20  # a batch full of NaN gets a readable answer, not 50k lines
 MAX_SERIES = 200  # runs × keys in one read
@@ -166,7 +166,7 @@ def ingest(
     status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
     if status is None:
         raise NotFound(f"run {run_id} not found")
-    if status in FINISHED_STATUSES:
+    if status in FINISHED:
         raise Conflict(f"run {run_id} is {status}; a finished run takes no new metric points")
     _check_finite(points)
     rows = _rows(points, time.time())
@@ -179,8 +179,9 @@ def ingest(
 
 
 def _end_read(session: Session) -> None:
-    """End a read-only transaction now: on SQLite every transaction holds the write lock
-    (BEGIN IMMEDIATE), so ingest must not wait while the answer is serialised."""
+    """End the read transaction now, before the answer is serialised: on PostgreSQL its
+    snapshot, on SQLite (a deferred, query-only read) the WAL snapshot that holds back
+    checkpoints."""
     session.commit()
 
 
