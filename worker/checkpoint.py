@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        restore_cuda_rng(state["cuda"], torch.cuda.device_count(), torch.cuda.set_rng_state)
+
+
+def restore_cuda_rng(
+    saved: list[torch.Tensor], visible: int, set_state: Callable[[torch.Tensor, int], None]
+) -> int:
+    """Give each visible CUDA device the state saved for the device of the same index.
+
+    A resume may see fewer GPUs than the save did (`get_rng_state_all` saved one state per GPU
+    then): the devices it has get theirs, the missing ones' states are not needed. A device
+    with no saved state keeps its seed. Returns how many devices were restored.
+    """
+    restored = min(len(saved), visible)
+    for index in range(restored):
+        set_state(saved[index], index)
+    return restored
 
 
 def save_latest(path: str | os.PathLike, state: dict[str, Any]) -> Path:

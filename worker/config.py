@@ -508,6 +508,17 @@ class TrainSpec(_Strict):
         le=MAX_STEPS,
         description="Stop after this many steps; null = run all epochs.",
     )
+    tf32: bool = Field(
+        default=True,
+        description="On GPU, fp32 matmuls use TF32 tensor cores (Ampere and newer; about 10 "
+        "mantissa bits); false = full fp32.",
+    )
+    deterministic: bool = Field(
+        default=False,
+        description="Deterministic kernels (cuDNN, cuBLAS, scatter): a resumed run on GPU "
+        "repeats the uninterrupted one bit for bit, at some speed; an op with no "
+        "deterministic kernel then fails naming itself.",
+    )
 
 
 class ResourcesSpec(_Strict):

@@ -19,15 +19,16 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from worker import catalog, kd
+from worker.batches import BatchSource
 from worker.checkpoint import (
     BEST,
     LATEST,
@@ -39,10 +40,13 @@ from worker.checkpoint import (
     seed_everything,
 )
 from worker.config import RunConfig
+from worker.devices import PeakMemory, resolve_device, synchronize
+from worker.kd.losses import IGNORE_INDEX
 from worker.loss_formula import loss_formula
 from worker.metrics import MetricSink
+from worker.numerics import amp_dtype, cast_for_autocast, numerics
+from worker.teacher_outputs import TeacherOutputs
 
-IGNORE_INDEX = -100
 WEAK_TEACHER_FACTOR = 1.5  # a teacher below 1.5 × chance accuracy looks untrained
 EXPORT_TOLERANCE = 1e-6  # |exported − in-training| student accuracy allowed after export
 STUDENT_FILE = "student.safetensors"
@@ -65,20 +69,29 @@ class TrainResult:
 # --------------------------------------------------------------------------- small building blocks
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_optimizer(params: list[nn.Parameter], spec: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[nn.Parameter], spec: Any, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer of `spec`. On CUDA, Adam(W) is the fused kernel: one launch for every
+    parameter, and with a GradScaler it skips an overflowed step without a host sync."""
+    fused = True if device is not None and device.type == "cuda" else None  # None: torch's default
     if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
     if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
     if spec.name == "sgd":
         return torch.optim.SGD(
             params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
         )
     raise ValueError(f"train.optimizer.name: unknown optimizer {spec.name!r}")
+
+
+def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, on their device (no host sync). Written out
+    because `torch.nn.utils.get_total_norm` only exists from torch 2.6."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def lr_factor(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -149,6 +162,7 @@ class TeacherTimer:
 
     def __init__(self, teacher: nn.Module, device: torch.device):
         self.active = False
+        self.device = device
         self.cuda = device.type == "cuda"
         self._seconds = 0.0
         self._events: list[tuple[Any, Any]] = []
@@ -160,7 +174,7 @@ class TeacherTimer:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the teacher's device, not GPU 0
         return event
 
     def _before(self, *_: Any) -> None:
@@ -189,8 +203,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def private_generator(seed: int) -> torch.Generator:
-    """A generator of its own, so a DataLoader does not draw its base seed from the global RNG
-    (which would shift dropout etc. between an uninterrupted and a resumed run)."""
+    """A generator of its own, so the data order does not draw from the global RNG (which would
+    shift dropout etc. between an uninterrupted and a resumed run)."""
     return torch.Generator().manual_seed(seed)
 
 
@@ -238,7 +252,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.sink = sink
         self.teacher_state = teacher_state
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device, config.resources.gpus)
         self.data = data
         self.data_root = data_root
         self.should_stop = should_stop
@@ -268,9 +282,24 @@ class Trainer:
         self.dm: kd.DistillationModel | None = None
         self.timer: TeacherTimer | None = None
         self.ema: EMA | None = None
+        self.train_batches: BatchSource | None = None
+        self.val_batches: BatchSource | None = None
+        self.teacher_outputs = TeacherOutputs(self.device)
+        self.peak_memory = PeakMemory(self.device)
 
     # ----------------------------------------------------------------------------- main flow
     def fit(self) -> TrainResult:
+        """Train to the end (or to a stop request), under the run's numerics (TF32,
+        determinism) and with `self.device` as the current CUDA device."""
+        cuda_device = (
+            torch.cuda.device(self.device)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with numerics(self.config.train, self.device), cuda_device:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         self._setup()
         while self.global_step < self.total_steps:
             if self._train_epoch():
@@ -300,6 +329,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self._check_best_metric()
         self._log_run_metadata()
+        self.train_batches = BatchSource(self.data.train, cfg.train.batch_size, self.device)
+        self.val_batches = BatchSource(self.data.val, cfg.train.batch_size, self.device)
 
         seed_everything(cfg.seed)  # model init must not depend on what the dataset code drew
         student = catalog.build_model(cfg.student, info).to(self.device)
@@ -307,17 +338,21 @@ class Trainer:
         if self.distill:
             self.teacher = self._build_teacher(info)
             self.teacher_fingerprint = kd.fingerprint(self.teacher)
+            self.teacher_adapter = self._build_teacher_adapter()  # the teacher check needs it
             resume = self._load_resume()  # refuses another teacher before anything else
             if resume is None:
                 self._check_teacher()
             self.model = self._convert(student, info)
+            dtype = amp_dtype(cfg.train.amp)
+            if dtype is not None:  # after the fingerprint: that is of the weights as given
+                cast_for_autocast(self.teacher, dtype)
         else:
             resume = self._load_resume()
             self.model = student
         self.model.to(self.device)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, cfg.train.optimizer)
+        self.optimizer = build_optimizer(params, cfg.train.optimizer, self.device)
         sched = cfg.train.scheduler
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(sched.name, sched.warmup_steps, self.total_steps)
@@ -329,6 +364,7 @@ class Trainer:
             self._restore(resume)
         self._log_loss_metadata()
         self._interval_start = time.perf_counter()
+        self.peak_memory.start()
 
     def _check_best_metric(self) -> None:
         available = ["eval/student_acc", "eval/student_loss"]
@@ -369,16 +405,21 @@ class Trainer:
                 "from it anyway"
             )
 
+    def _build_teacher_adapter(self) -> nn.Module | None:
+        spec = self.config.distill
+        assert spec is not None
+        if spec.teacher_input_adapter is None:
+            return None
+        params = {  # "normalization", the one kind there is
+            k: v if isinstance(v, list) else [v]
+            for k, v in spec.teacher_input_adapter.params.items()
+        }
+        return kd.NormalizationAdapter(**params).to(self.device)
+
     def _convert(self, student: nn.Module, info: catalog.DataInfo) -> nn.Module:
         """Attach teacher and losses; the optimizer is built afterwards so adapters train."""
         spec = self.config.distill
         assert spec is not None and self.teacher is not None
-        if spec.teacher_input_adapter is not None:  # "normalization", the one kind there is
-            params = {
-                k: v if isinstance(v, list) else [v]
-                for k, v in spec.teacher_input_adapter.params.items()
-            }
-            self.teacher_adapter = kd.NormalizationAdapter(**params).to(self.device)
         criterion = {
             (p.student_layer, p.teacher_layer): kd.losses.build_loss(p.loss.name, p.loss.params)
             for p in spec.pairs
@@ -429,22 +470,14 @@ class Trainer:
     # ------------------------------------------------------------------------------ training
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; True when `should_stop` asked to stop."""
-        assert self.data is not None
-        bs = self.config.train.batch_size
-        order = epoch_order(len(self.data.train), self.config.seed, self.epoch)  # type: ignore[arg-type]
-        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
-        loader = DataLoader(
-            self.data.train,
-            batch_sampler=batches[self.batch_index :],
-            generator=private_generator(self.config.seed + self.epoch),
-            pin_memory=self.device.type == "cuda",
-        )
+        assert self.train_batches is not None
+        order = epoch_order(self.train_batches.size, self.config.seed, self.epoch)
         self.model.train()
-        for x, y in loader:
+        for batch in self.train_batches.batches(order, start=self.batch_index):
             if self.global_step >= self.total_steps:
                 break
-            self._check_labels(y)
-            self._step(x, y)
+            self._check_labels(batch.labelled)
+            self._step(batch.x, batch.y)
             self.batch_index += 1
             if self.global_step % self.config.train.log_every == 0:
                 self._log_train()
@@ -455,9 +488,9 @@ class Trainer:
                 return True
         return False
 
-    def _check_labels(self, y: torch.Tensor) -> None:
-        """Refuse a batch without a single label (checked on the loader's CPU tensor)."""
-        if not bool((y != IGNORE_INDEX).any()):
+    def _check_labels(self, labelled: bool) -> None:
+        """Refuse a batch without a single label (`BatchSource` checked it on the host)."""
+        if not labelled:
             raise ValueError(
                 f"batch {self.batch_index} of epoch {self.epoch} (step {self.global_step + 1}) has "
                 f"no labelled samples or tokens: every label is {IGNORE_INDEX} (ignored), so the "
@@ -473,8 +506,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        """One optimizer step on a batch already on the device; no host sync."""
         use_student_loss = self.config.train.student_loss != "none"
         if self.timer is not None:
             self.timer.active = True
@@ -518,7 +550,7 @@ class Trainer:
         if clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = total_grad_norm([p.grad for p in params if p.grad is not None])
         if logging:
             self._grad_norm = norm.detach()
 
@@ -539,36 +571,44 @@ class Trainer:
         self._acc_steps += 1
 
     def _log_train(self) -> None:
-        """Read the interval back (one sync), check it is finite, log it, reset."""
+        """Read the interval back (the interval's one host sync), check it is finite, log it."""
         if self._acc_steps == 0:
             return
-        if self.dm is not None:
-            try:
-                self.dm.check_kd_loss_finite()
-            except ValueError as err:
-                raise ValueError(f"{err} (at step {self.global_step})") from None
         keys = list(self._acc)
-        values = (torch.stack([self._acc[k] for k in keys]) / self._acc_steps).tolist()
-        metrics = dict(zip(keys, values, strict=True))
-        for key, value in metrics.items():  # grad_norm is exempt: fp16 overflows are skipped
-            if not math.isfinite(value):
-                kind = "NaN" if math.isnan(value) else "Inf"
-                raise ValueError(
-                    f"{kind} in {key} at step {self.global_step}; lower the learning rate, clip "
-                    "gradients (train.grad_clip), or check the data and the teacher"
-                )
-        metrics["train/lr"] = self._lr
+        parts = [self._acc[k] for k in keys]
         if self._grad_norm is not None:
-            metrics["train/grad_norm"] = float(self._grad_norm)
+            parts.append(self._grad_norm.float().reshape(()))
+        values = torch.stack(parts).tolist()  # waits for the interval's queued steps
         elapsed = time.perf_counter() - self._interval_start
+        grad_norm = values.pop() if self._grad_norm is not None else None
+        metrics = {k: v / self._acc_steps for k, v in zip(keys, values, strict=True)}
+        self._check_finite(metrics)  # grad_norm is exempt: fp16 overflows are skipped
+        metrics["train/lr"] = self._lr
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = grad_norm
         metrics["sys/step_time_ms"] = 1000.0 * elapsed / self._acc_steps
         if self.timer is not None:
             metrics["sys/teacher_time_share"] = self.timer.pop_seconds() / max(elapsed, 1e-9)
-        if self.device.type == "cuda":
-            metrics["sys/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.peak_memory.enabled:
+            metrics["sys/gpu_mem_gib"] = self.peak_memory.pop_gib()
         self._log(self.global_step, metrics)
         self._acc, self._acc_steps, self._grad_norm = {}, 0, None
         self._interval_start = time.perf_counter()
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                continue
+            kind = "NaN" if math.isnan(value) else "Inf"
+            amp_hint = (
+                ", or use amp 'bf16' instead of 'fp16'" if self.config.train.amp == "fp16" else ""
+            )
+            raise ValueError(
+                f"{kind} in {key} at step {self.global_step} (over the {self._acc_steps} steps "
+                "since the last log); "
+                "lower the learning rate, clip gradients (train.grad_clip), or check the data and "
+                f"the teacher{amp_hint}"
+            )
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         self.last_metrics.update(metrics)
@@ -581,12 +621,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def _off_the_clock(self) -> Iterator[None]:
-        """Keep evaluation and checkpoint writes out of `sys/step_time_ms`."""
+        """Keep evaluation and checkpoint writes out of `sys/step_time_ms` and
+        `sys/gpu_mem_gib`. The steps queued before the block finish first: their time is theirs."""
+        synchronize(self.device)
+        self.peak_memory.pause()
         started = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(self.device)
             self._interval_start += time.perf_counter() - started
+            self.peak_memory.resume()
 
     def _evaluate_and_log(self) -> None:
         with self._off_the_clock(), self._eval_weights():
@@ -601,7 +646,7 @@ class Trainer:
         """Accuracy (top-1 over labels != -100: samples, or tokens for LMs) and loss of the
         student; with a teacher also its accuracy, top-1 agreement and KL(teacher‖student) at
         T=1 (summed over classes, mean over labelled positions)."""
-        assert self.data is not None
+        assert self.val_batches is not None
         was_training = student.training if student is not None else False
         if student is not None:
             student.eval()
@@ -610,14 +655,8 @@ class Trainer:
         def add(key: str, value: torch.Tensor) -> None:
             sums[key] = sums[key] + value if key in sums else value
 
-        loader = DataLoader(
-            self.data.val,
-            batch_size=self.config.train.batch_size,
-            generator=private_generator(self.config.seed),
-            pin_memory=self.device.type == "cuda",
-        )
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device).flatten()
+        for index, batch in enumerate(self.val_batches.batches()):
+            x, y = batch.x, batch.y.flatten()
             labelled = y != IGNORE_INDEX
             add("count", labelled.sum())
             s_logits = t_logits = None
@@ -625,8 +664,8 @@ class Trainer:
                 if student is not None:
                     s_logits = self._student_forward(student, x).float().flatten(0, -2)
                 if teacher is not None:
-                    t_in = self.teacher_adapter(x) if self.teacher_adapter is not None else x
-                    t_logits = teacher(t_in).float().flatten(0, -2)
+                    t_out = self.teacher_outputs.get(index, partial(self._teacher_forward, x))
+                    t_logits = t_out.float().flatten(0, -2)
             if s_logits is not None:
                 ce = F.cross_entropy(s_logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
                 add("student_loss", ce)
@@ -643,13 +682,21 @@ class Trainer:
                     reduction="none",
                 ).sum(-1)
                 add("kl", (kl * labelled).sum())
+        if teacher is not None:
+            self.teacher_outputs.end_pass()
         if student is not None and was_training:
             student.train()
-        totals = {k: float(v) for k, v in sums.items()}
+        keys = list(sums)
+        values = torch.stack([sums[k].double() for k in keys]).tolist() if keys else []
+        totals = dict(zip(keys, values, strict=True))  # one host read for the whole split
         count = totals.pop("count", 0.0)
         if count == 0:
             raise ValueError("the val split has no labelled samples or tokens (all labels -100)")
         return {f"eval/{k}": v / count for k, v in totals.items()}
+
+    def _teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher(self.teacher_adapter(x) if self.teacher_adapter is not None else x)
 
     def _student_forward(self, student: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(student, kd.DistillationModel):
@@ -665,7 +712,12 @@ class Trainer:
         )
         if better:
             self.best_value = value
-            meta = {"run": self.config.name, "step": self.global_step, name: value}
+            meta = {
+                "run": self.config.name,
+                "step": self.global_step,
+                name: value,
+                "teacher_fingerprint": self.teacher_fingerprint,  # hashed once, at the start
+            }
             kd.save(self.model, self.out_dir / BEST, metadata=meta)
 
     # ---------------------------------------------------------------------------- checkpoints

@@ -189,8 +189,12 @@ class DistillationModel(nn.Module):
         return self
 
     def _apply(self, fn: Callable, recurse: bool = True) -> DistillationModel:
+        """`.to()`, `.cuda()`, `.half()`… reach the teacher and its input adapter too."""
         super()._apply(fn, recurse)
         self._kd_teacher._apply(fn, recurse)
+        adapter = self._kd_teacher_input_adapter
+        if isinstance(adapter, nn.Module):
+            adapter._apply(fn, recurse)
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -72,7 +72,12 @@ def _storage_safe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def save(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the student's weights (no teacher, no loss adapters) and metadata to `path`."""
+    """Write the student's weights (no teacher, no loss adapters) and metadata to `path`.
+
+    A converted model's teacher is fingerprinted unless `metadata` already holds
+    `teacher_fingerprint` (a trainer computes it once, not at every save).
+    """
+    metadata = metadata or {}
     tensors, aliases = _storage_safe(student_state_dict(model))
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -82,8 +87,9 @@ def save(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | N
     }
     if isinstance(model, DistillationModel):
         meta["kd_loss"] = model.describe_kd_loss()
-        meta["teacher_fingerprint"] = fingerprint(model.teacher_model)
-    meta.update(metadata or {})
+        if "teacher_fingerprint" not in metadata:
+            meta["teacher_fingerprint"] = fingerprint(model.teacher_model)
+    meta.update(metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
