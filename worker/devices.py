@@ -84,7 +84,9 @@ class PeakMemory:
             self._reset()
 
     def pop_gib(self) -> float:
-        """The interval's peak in GiB; starts the next interval."""
+        """The interval's peak in GiB (0 on the CPU); starts the next interval."""
+        if not self.enabled:
+            return 0.0
         peak = max(self._peak, self._read())
         self.start()
         return peak / 2**30
