@@ -3,8 +3,10 @@
 An in-memory tensor dataset (a `TensorDataset`, or `Subset`s of one: every built-in dataset but
 the image folders) is indexed a whole batch at a time: no per-sample `__getitem__`, no collate.
 When the split fits the device budget it moves to the device once, and a batch is one
-`index_select` there. Any other dataset (read from disk) goes through a `DataLoader` with worker
-processes. Both paths yield the same tensors in the same order (`tests/worker/test_batches.py`).
+`index_select` there. A dataset that reads its samples from disk (it says so with a class
+attribute `reads_from_disk = True`, as `image_folder`'s does) goes through a `DataLoader` with
+worker processes; any other dataset is read in this process, sample by sample. Every path
+yields the same tensors in the same order (`tests/worker/test_batches.py`).
 
 Labels are checked on the host: `labelled` says, without touching the device, whether a batch
 holds at least one label that is not `IGNORE_INDEX`.
@@ -13,6 +15,7 @@ holds at least one label that is not `IGNORE_INDEX`.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +49,21 @@ def in_memory_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | N
     if index is None:
         return x, y
     return x.index_select(0, index), y.index_select(0, index)
+
+
+def reads_from_disk(dataset: Dataset) -> bool:
+    """Whether `dataset` (seen through any `Subset`s) declares `reads_from_disk = True`."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return bool(getattr(dataset, "reads_from_disk", False))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers share the run's process group: a cancel's SIGTERM is the main process's
+    to handle (it saves `latest.pt`, then shuts the loader down); a worker whose parent is gone
+    exits by itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def loader_workers() -> int:
@@ -135,13 +153,13 @@ class BatchSource:
         return tensor.to(self.device)
 
     def _loader_batches(self, chunks: list[list[int]]) -> Iterator[Batch]:
-        workers = loader_workers()
+        workers = loader_workers() if reads_from_disk(self.dataset) else 0
         loader = DataLoader(
             self.dataset,
             batch_sampler=chunks,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals if workers else None,
         )
         for x, y in loader:
             labelled = bool((y != IGNORE_INDEX).any())  # the loader's host tensor: no device sync

@@ -312,6 +312,8 @@ def _image_tensor(array: np.ndarray, channels: int, size: int) -> torch.Tensor:
 class ImageFiles(Dataset):
     """Images decoded on access: item = ([channels, size, size] float in [0, 1], label)."""
 
+    reads_from_disk = True  # worker.batches loads it in worker processes
+
     def __init__(self, files: list[Path], labels: list[int], channels: int, size: int) -> None:
         self.files, self.labels, self.channels, self.size = files, labels, channels, size
 

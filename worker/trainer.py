@@ -596,7 +596,9 @@ class Trainer:
         self._interval_start = time.perf_counter()
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
+        """Name the first non-finite term, KD terms first (a NaN there spreads to the totals)."""
+        for key in sorted(metrics, key=lambda k: not k.startswith("train/kd/")):
+            value = metrics[key]
             if math.isfinite(value):
                 continue
             kind = "NaN" if math.isnan(value) else "Inf"
@@ -604,8 +606,8 @@ class Trainer:
                 ", or use amp 'bf16' instead of 'fp16'" if self.config.train.amp == "fp16" else ""
             )
             raise ValueError(
-                f"{kind} in {key} at step {self.global_step} (over the {self._acc_steps} steps "
-                "since the last log); "
+                f"{kind} in {key} (at step {self.global_step}); the mean over the "
+                f"{self._acc_steps} steps since the last log; "
                 "lower the learning rate, clip gradients (train.grad_clip), or check the data and "
                 f"the teacher{amp_hint}"
             )

@@ -4,7 +4,11 @@ DataLoader gives; data read from disk goes through worker processes."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
@@ -61,6 +65,8 @@ def test_labelled_flags_batches_without_any_label() -> None:
 class PidImages(Dataset):
     """A dataset 'read from disk': each sample says which process loaded it."""
 
+    reads_from_disk = True
+
     def __len__(self) -> int:
         return 12
 
@@ -83,3 +89,55 @@ def test_disk_datasets_load_in_worker_processes() -> None:
         assert os.getpid() not in pids
     else:
         assert pids == {os.getpid()}
+
+
+class PidInProcess(PidImages):
+    reads_from_disk = False  # a plug-in dataset that does not say it reads from disk
+
+
+def test_other_datasets_load_in_this_process() -> None:
+    batches = list(
+        BatchSource(Subset(PidInProcess(), list(range(8))), 4, torch.device("cpu")).batches()
+    )
+    assert {int(p) for b in batches for p in b.x[:, 1].tolist()} == {os.getpid()}
+    assert [b.x[:, 0].long().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+STOPPED_BY_SIGTERM = """
+import signal, sys, time, torch
+from torch.utils.data import Dataset
+from worker.batches import BatchSource
+
+class Slow(Dataset):
+    reads_from_disk = True
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return torch.tensor([float(i)]), torch.tensor(0)
+
+asked = []
+signal.signal(signal.SIGTERM, lambda *_: asked.append(1))
+for n, batch in enumerate(BatchSource(Slow(), 4, torch.device("cpu")).batches()):
+    print("batch", n, flush=True)
+    if asked:  # the run's own handler saw the cancel: one more batch loads, then it stops
+        print("stopped cleanly", flush=True)
+        break
+"""
+
+
+@pytest.mark.skipif(loader_workers() == 0, reason="needs a second CPU for a loader worker")
+def test_a_cancel_signal_to_the_run_group_leaves_loader_workers_alone() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_BY_SIGTERM],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as the executor gives each run
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("batch 0")
+    os.killpg(proc.pid, signal.SIGTERM)  # what a cancel sends: the main process and its workers
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped cleanly" in out, out + err
