@@ -4,9 +4,11 @@
   out of reach of the terminal's Ctrl-C), with `CUDA_VISIBLE_DEVICES` set to the GPUs it holds
   (empty for a CPU slot) and `OMP_NUM_THREADS` set to its share of the cores, stdout and stderr
   appended to `<logs_dir>/<run>/<attempt>.log`.
-- Slots: one per GPU (from `CUDA_VISIBLE_DEVICES`, else `nvidia-smi -L`; CUDA is never
-  initialised in this process, which forks workers) and `cpu_slots` for runs with `gpus: 0`.
-  A slot is held from `submit` until the process has exited and been reaped.
+- Slots: one per GPU (from `CUDA_VISIBLE_DEVICES`, else the UUIDs `nvidia-smi -L` lists, a MIG
+  instance's UUID in place of its parent GPU; CUDA is never initialised in this process, which
+  forks workers) and `cpu_slots` for runs with `gpus: 0`. A slot is held from `submit` until
+  the process has exited and been reaped. Workers get `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so a
+  numeric id means the GPU of that index in `nvidia-smi`, not CUDA's fastest-first order.
 - The executor id names the owner (host + data directory), the pid, the process start time (so a
   reused pid is not mistaken for the worker), the GPUs held and the log file:
   `owner:pid:start:gpus:run/attempt.log`. A server restarted on the same data directory
@@ -26,14 +28,23 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import backend
 from backend.executors.base import Executor, Launch, ProcessStatus, describe_exit, killed
 
-__all__ = ["ExecutorId", "LocalExecutor", "NoSlot", "describe_exit", "killed"]
+__all__ = [
+    "ExecutorId",
+    "LocalExecutor",
+    "NoSlot",
+    "describe_exit",
+    "detect_gpus",
+    "killed",
+    "parse_gpu_listing",
+    "parse_mig_modes",
+]
 
 PROJECT_ROOT = Path(backend.__file__).resolve().parent.parent
 # never handed to a worker: it talks to the API with its own run-scoped token
@@ -44,11 +55,69 @@ class NoSlot(RuntimeError):
     """No free slot for the launch right now (or never, see `LocalExecutor.fits`)."""
 
 
+# `nvidia-smi -L`: one line per physical GPU, then (MIG mode on) one indented line per MIG
+# device. Drivers from R470 print `MIG-<uuid>`, older ones `MIG-GPU-<parent uuid>/<gi>/<ci>`:
+#   GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77)
+#     MIG 1g.5gb      Device  0: (UUID: MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f)
+_GPU_LINE = re.compile(r"^GPU\s+(\d+)\s*:.*?\(UUID:\s*(GPU-[0-9A-Za-z-]+)\s*\)")
+_GPU_LINE_NO_UUID = re.compile(r"^GPU\s+(\d+)\s*:")
+_MIG_LINE = re.compile(r"^\s+MIG\b.*?\bDevice\s+\d+\s*:.*?\(UUID:\s*(MIG-[0-9A-Za-z/-]+)\s*\)")
+
+
+def parse_gpu_listing(text: str, mig_enabled: Collection[str] = ()) -> list[str]:
+    """The CUDA device ids in an `nvidia-smi -L` listing, in its (PCI bus) order.
+
+    Each GPU is named by its UUID (`GPU-…`), stable whatever order CUDA enumerates devices in.
+    A GPU with MIG devices listed under it is replaced by their UUIDs (`MIG-…`): CUDA sees only
+    the MIG instances of such a GPU, never the GPU itself. `mig_enabled`: UUIDs of GPUs in MIG
+    mode; one of them with no MIG device listed yet offers nothing to CUDA and is left out. A
+    GPU line without a UUID (not seen from real drivers) falls back to its index. Lines that
+    match neither form are ignored, so garbage yields [].
+    """
+    devices: list[tuple[str, list[str]]] = []  # (GPU id, its MIG device ids)
+    for line in text.splitlines():
+        if gpu := _GPU_LINE.match(line):
+            devices.append((gpu.group(2), []))
+        elif bare := _GPU_LINE_NO_UUID.match(line):
+            devices.append((bare.group(1), []))
+        elif (mig := _MIG_LINE.match(line)) and devices:
+            devices[-1][1].append(mig.group(1))
+    ids: list[str] = []
+    for gpu_id, migs in devices:
+        if migs:
+            ids.extend(migs)
+        elif gpu_id not in mig_enabled:
+            ids.append(gpu_id)
+    return ids
+
+
+def parse_mig_modes(text: str) -> set[str]:
+    """UUIDs of the GPUs in MIG mode, from
+    `nvidia-smi --query-gpu=uuid,mig.mode.current --format=csv,noheader`
+    (lines `GPU-…, Enabled`; GPUs without MIG say `[N/A]`)."""
+    enabled: set[str] = set()
+    for line in text.splitlines():
+        uuid, _, mode = (part.strip() for part in line.partition(","))
+        if uuid.startswith("GPU-") and mode.lower() == "enabled":
+            enabled.add(uuid)
+    return enabled
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def detect_gpus() -> list[str]:
     """GPU ids this process may hand out, without initialising CUDA.
 
-    `CUDA_VISIBLE_DEVICES` when set (CUDA's rules: the list ends at the first invalid entry, so
-    "" and "-1" mean none), else one id per line of `nvidia-smi -L`, else none.
+    `CUDA_VISIBLE_DEVICES` when set, entries as given (CUDA's rules: the list ends at the first
+    invalid entry, so "" and "-1" mean none), else the UUIDs of `nvidia-smi -L`
+    (`parse_gpu_listing`: MIG instances in place of their GPU), else none.
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -58,13 +127,11 @@ def detect_gpus() -> list[str]:
                 break
             ids.append(entry)
         return ids
-    try:
-        listing = subprocess.run(
-            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    listing = _nvidia_smi("-L")
+    if listing is None:
         return []
-    return [str(i) for i, _ in enumerate(re.findall(r"^GPU \d+", listing, re.MULTILINE))]
+    modes = _nvidia_smi("--query-gpu=uuid,mig.mode.current", "--format=csv,noheader")
+    return parse_gpu_listing(listing, parse_mig_modes(modes or ""))
 
 
 def default_owner(data_dir: Path) -> str:
@@ -182,6 +249,9 @@ class LocalExecutor(Executor):
         self.logs_dir = Path(logs_dir)
         self.cpu_slots = cpu_slots
         self.gpu_ids: tuple[str, ...] = tuple(detect_gpus() if gpu_ids is None else gpu_ids)
+        for gpu in self.gpu_ids:  # they travel in the executor id, `:`- and `,`-separated
+            if not gpu or gpu == "-" or any(c in gpu for c in ":,") or gpu != gpu.strip():
+                raise ValueError(f"not a usable GPU id: {gpu!r}")
         self.owner = owner or default_owner(self.logs_dir)
         if ":" in self.owner:
             raise ValueError(f"executor owner may not contain ':' ({self.owner!r})")
@@ -249,6 +319,9 @@ class LocalExecutor(Executor):
         env["PYTHONUNBUFFERED"] = "1"
         env.update(launch.env)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # "" hides every GPU
+        # numeric ids (an operator's CUDA_VISIBLE_DEVICES) count in nvidia-smi's order, not
+        # CUDA's default fastest-first one; UUIDs mean the same device either way
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         # `python -m worker.run` imports this project even where it is not installed
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if str(PROJECT_ROOT) not in paths:
