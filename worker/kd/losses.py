@@ -159,11 +159,66 @@ def _check_labels(
 # --------------------------------------------------------------------------- shared math
 
 
-def _kl_div_last(target_log: Tensor, input_log: Tensor) -> Tensor:
-    """KL(target ‖ input) summed over the last dim, from log-probabilities; 0·log 0 counts as 0."""
+def _kl_sum_last(target_log: Tensor, input_log: Tensor) -> Tensor:
+    """Σ_last p·(target_log − input_log), 0 where p = exp(target_log) is 0; no autograd graph needed.
+
+    Same numbers as ``(p * where(p > 0, target_log - input_log, 0)).sum(-1)`` (NaN inputs too), built
+    in place so only p, the product and a bool mask are alive at once.
+    """
     target = target_log.exp()
-    diff = torch.where(target > 0, target_log - input_log, torch.zeros_like(target_log))
-    return (target * diff).sum(dim=-1)
+    terms = torch.sub(target_log, input_log)
+    terms = terms.to(torch.promote_types(terms.dtype, target.dtype))  # autocast: exp may be fp32
+    terms.mul_(target)
+    terms.masked_fill_(target == 0, 0.0)
+    del target
+    return terms.sum(dim=-1)
+
+
+class _KLDivLast(torch.autograd.Function):
+    """KL(exp(target_log) ‖ exp(input_log)) summed over the last dim, with a hand-written backward.
+
+    Autograd saves only the two inputs. They are log-probabilities that the log_softmax producing
+    them already keeps for its own backward, so in the usual ``_kl_div_last(log_softmax(t),
+    log_softmax(s))`` no [..., V] tensor is stored beyond those (the composite formula also stored
+    exp(target), the masked difference and the bool mask). Backward recomputes p = exp(target_log):
+    d/d input_log = −g·p and d/d target_log = g·p·(target_log − input_log + 1), both 0 where p = 0,
+    which is exactly the gradient of the composite formula (0·log 0 = 0, finite when
+    target_log = −inf). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, target_log: Tensor, input_log: Tensor) -> Tensor:
+        ctx.save_for_backward(target_log, input_log)
+        return _kl_sum_last(target_log, input_log)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        target_log, input_log = ctx.saved_tensors
+        need_target, need_input = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad.unsqueeze(-1)
+        target = target_log.to(g.dtype).exp()
+        grad_target = None
+        if need_target:
+            diff = torch.sub(target_log.to(g.dtype), input_log.to(g.dtype)).add_(1.0)
+            diff.mul_(target).masked_fill_(target == 0, 0.0).mul_(g)
+            grad_target = diff.to(target_log.dtype)
+        grad_input = target.mul_(g).neg_().to(input_log.dtype) if need_input else None
+        return grad_target, grad_input
+
+
+def _kl_div_last(target_log: Tensor, input_log: Tensor) -> Tensor:
+    """KL(target ‖ input) summed over the last dim, from log-probabilities; 0·log 0 counts as 0.
+
+    Same values and gradients as ``(p · where(p > 0, target_log − input_log, 0)).sum(-1)`` with
+    p = exp(target_log), but autograd keeps only the inputs (see `_KLDivLast`).
+    """
+    if target_log.shape != input_log.shape:
+        target_log, input_log = torch.broadcast_tensors(target_log, input_log)
+    if not (target_log.requires_grad or input_log.requires_grad) or not torch.is_grad_enabled():
+        return _kl_sum_last(target_log, input_log)
+    out: Tensor = _KLDivLast.apply(target_log, input_log)
+    return out
 
 
 def _masked_batchmean(per_position: Tensor, labels: Tensor | None) -> Tensor:
