@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh            # results in $OUT (default out/gpu)
 # It installs what the machine lacks (the wheels benchmarks/gpu_wheels.sh put in .whl/, when
 # present), then writes under $OUT: env.txt (GPU, driver, versions), gpu-tests.log (pytest -m gpu),
-# engine_overhead.jsonl, gpu_trainer.jsonl, kl_memory.jsonl and the benchmarks'
+# engine_overhead.jsonl, gpu_trainer.jsonl, kl_memory.jsonl, data_batches.jsonl and the
+# benchmarks'
 # stderr in errors.log. Each step has its own time box,
 # about 8 minutes in all on an H200; a failing step does not stop the next one.
 set -uo pipefail
@@ -39,5 +40,7 @@ timeout 150 "$PY" benchmarks/gpu_trainer.py --device cuda \
   >"$OUT/gpu_trainer.jsonl" 2>>"$OUT/errors.log" || status=1
 timeout 60 "$PY" benchmarks/kl_memory.py --device cuda \
   >"$OUT/kl_memory.jsonl" 2>>"$OUT/errors.log" || status=1
+timeout 60 "$PY" benchmarks/data_batches.py --device cuda \
+  >"$OUT/data_batches.jsonl" 2>>"$OUT/errors.log" || status=1
 tail -n 3 "$OUT/gpu-tests.log"
 exit "$status"
