@@ -3,10 +3,9 @@
 #   bash benchmarks/gpu_check.sh            # results in $OUT (default out/gpu)
 # It installs what the machine lacks (the wheels benchmarks/gpu_wheels.sh put in .whl/, when
 # present), then writes under $OUT: env.txt (GPU, driver, versions), gpu-tests.log (pytest -m gpu),
-# engine_overhead.jsonl, gpu_trainer.jsonl, kl_memory.jsonl, data_batches.jsonl and the
-# benchmarks'
-# stderr in errors.log. Each step has its own time box,
-# about 8 minutes in all on an H200; a failing step does not stop the next one.
+# engine_overhead.jsonl, gpu_trainer.jsonl, kl_memory.jsonl, data_batches.jsonl, and the
+# benchmarks' stderr in errors.log. Each step has its own time box, about 8 minutes in all on an
+# H200; a failing step does not stop the next one (the exit status says whether any failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
