@@ -31,15 +31,15 @@ print('device', torch.cuda.get_device_name())"
 } >"$OUT/env.txt" 2>&1
 
 status=0
-timeout 300 "$PY" -m pytest -m gpu tests/gpu --confcutdir=tests/gpu -p no:cacheprovider -q -rA \
+timeout 240 "$PY" -m pytest -m gpu tests/gpu --confcutdir=tests/gpu -p no:cacheprovider -q -rA \
   >"$OUT/gpu-tests.log" 2>&1 || status=1
-timeout 120 "$PY" benchmarks/engine_overhead.py --device cuda \
+timeout 90 "$PY" benchmarks/engine_overhead.py --device cuda \
   >"$OUT/engine_overhead.jsonl" 2>>"$OUT/errors.log" || status=1
-timeout 150 "$PY" benchmarks/gpu_trainer.py --device cuda \
+timeout 180 "$PY" benchmarks/gpu_trainer.py --device cuda \
   >"$OUT/gpu_trainer.jsonl" 2>>"$OUT/errors.log" || status=1
-timeout 60 "$PY" benchmarks/kl_memory.py --device cuda \
+timeout 40 "$PY" benchmarks/kl_memory.py --device cuda \
   >"$OUT/kl_memory.jsonl" 2>>"$OUT/errors.log" || status=1
-timeout 60 "$PY" benchmarks/data_batches.py --device cuda \
+timeout 30 "$PY" benchmarks/data_batches.py --device cuda \
   >"$OUT/data_batches.jsonl" 2>>"$OUT/errors.log" || status=1
 tail -n 3 "$OUT/gpu-tests.log"
 exit "$status"

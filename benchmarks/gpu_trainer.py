@@ -17,6 +17,8 @@ import argparse
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,19 @@ def resume_drift(
     }
 
 
+def report(name: str, measure: Callable[[], dict[str, Any]]) -> None:
+    """One JSON line: the measurement, or the error that stopped it (the next one still runs)."""
+    try:
+        line = measure()
+    except Exception as err:  # a failed variant is a result too
+        line = {
+            "benchmark": "gpu_trainer",
+            "variant": name,
+            "error": f"{type(err).__name__}: {err}",
+        }
+    print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,15 +174,19 @@ def main() -> None:
         root = Path(tmp)
         for name in args.variants.split(","):
             cfg = config(args.steps, args.quick, **VARIANTS[name])
-            _, sink = run(cfg, root / name.replace(" ", "-"), data, args.device)
-            print(json.dumps(variant_line(name, sink, cfg, device_name)), flush=True)
+
+            def measure(cfg: RunConfig = cfg, name: str = name) -> dict[str, Any]:
+                _, sink = run(cfg, root / name.replace(" ", "-"), data, args.device)
+                return variant_line(name, sink, cfg, device_name)
+
+            report(name, measure)
         resume_base = config(
             args.steps, args.quick, amp="bf16" if device.type == "cuda" else "none"
         )
         for deterministic in (False, True):
-            print(
-                json.dumps(resume_drift(resume_base, data, args.device, root, deterministic)),
-                flush=True,
+            report(
+                f"resume, deterministic={deterministic}",
+                partial(resume_drift, resume_base, data, args.device, root, deterministic),
             )
 
 
