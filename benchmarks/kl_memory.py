@@ -3,16 +3,21 @@ it replaced (issue 13, finding 17), side by side in one process.
 
     python benchmarks/kl_memory.py [--device cpu|cuda] [--batch 8] [--seq 512] [--vocab 32000]
 
-For each: the bytes autograd saves for backward (unique storages, `saved_tensors_hooks`), and on
-CUDA the peak allocated memory of forward + backward above the inputs. Student logits require
+For each: the bytes autograd saves for backward (unique storages, `saved_tensors_hooks`), and the
+peak memory of forward + backward above the inputs: on CUDA the allocator's peak, on the CPU the
+peak of `torch.profiler`'s memory timeline (`profile_memory=True`: what forward and backward
+allocate while profiled; the inputs are allocated before). Student logits require
 grad, teacher logits do not (as in training). One JSON line per formula.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +61,9 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    loss, saved = saved_bytes(lambda: loss_fn(student, teacher))
-    loss.backward()
+    with cpu_memory_profile(not cuda) as timeline:
+        loss, saved = saved_bytes(lambda: loss_fn(student, teacher))
+        loss.backward()
     line = {
         "benchmark": "kl_memory",
         "formula": name,
@@ -72,7 +78,37 @@ def measure(
     if cuda:
         torch.cuda.synchronize()
         line["peak_above_inputs_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    else:
+        line["peak_above_inputs_mib"] = round(timeline.peak_bytes() / 2**20, 1)
     return line
+
+
+class _Timeline:
+    def __init__(self) -> None:
+        self.profile: torch.profiler.profile | None = None
+
+    def peak_bytes(self) -> int:
+        """The largest total of live allocations the profiler saw (CPU)."""
+        assert self.profile is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "timeline.json"
+            self.profile.export_memory_timeline(str(path), device="cpu")
+            _times, sizes = json.loads(path.read_text())
+        return max(sum(row) for row in sizes)
+
+
+@contextlib.contextmanager
+def cpu_memory_profile(enabled: bool) -> Iterator[_Timeline]:
+    timeline = _Timeline()
+    if not enabled:
+        yield timeline
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(
+        activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        yield timeline
+    timeline.profile = prof
 
 
 def main() -> None:

@@ -606,8 +606,8 @@ class Trainer:
                 ", or use amp 'bf16' instead of 'fp16'" if self.config.train.amp == "fp16" else ""
             )
             raise ValueError(
-                f"{kind} in {key} (at step {self.global_step}); the mean over the "
-                f"{self._acc_steps} steps since the last log; "
+                f"{kind} in {key} at step {self.global_step} (the mean of the "
+                f"{self._acc_steps} steps since the last log); "
                 "lower the learning rate, clip gradients (train.grad_clip), or check the data and "
                 f"the teacher{amp_hint}"
             )

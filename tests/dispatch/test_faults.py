@@ -609,4 +609,4 @@ def test_a_nan_loss_fails_the_run_naming_the_term(
     run = wait_for(lambda: finished(factory, run_id), timeout=60)
     assert run.status == "failed" and run.attempt == 1
     assert (run.error or "").startswith("NaN in train/kd/output"), run.error
-    assert "(at step 5)" in (run.error or "").splitlines()[0]
+    assert " at step 5 " in (run.error or "").splitlines()[0]

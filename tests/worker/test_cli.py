@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from backend.cli import build_parser, main
 from worker import catalog, kd, local_run
 from worker.config import load_run_config
 from worker.metrics import read_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -37,14 +38,6 @@ DESIGN_KD_METRICS = {
     "eval/kl",
     "eval/exported_student_acc",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def kdlab(*args: str | Path) -> subprocess.CompletedProcess[str]:

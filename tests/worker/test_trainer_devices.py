@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,9 @@ from worker.config import RunConfig
 from worker.metrics import JsonlSink
 from worker.trainer import Trainer, TrainResult, total_grad_norm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 HOST_READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def image_digits(name: str, **overrides: Any) -> RunConfig:
