@@ -1,0 +1,21 @@
+"""Names the worker, the trainer and the service share: run statuses and the files of a run.
+
+A leaf module (it imports nothing of the project), so the engine's users, the worker and the
+backend can all read these from one place.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+RunStatus = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
+ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "starting", "running"})
+FINISHED_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+# the files a run writes into its directory (and uploads as artifacts of the same names)
+STUDENT_FILE = "student.safetensors"  # the exported student, at the end
+BEST_FILE = "best.safetensors"  # the best evaluation's student so far
+LATEST_FILE = "latest.pt"  # the exact-resume training state
+METRICS_FILE = "metrics.jsonl"  # every metric point, one JSON line each
+METADATA_FILE = "metadata.json"  # run metadata: config hash, loss formula, fingerprints
