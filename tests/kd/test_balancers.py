@@ -10,13 +10,13 @@ def terms(*values: float) -> dict[str, torch.Tensor]:
 
 def test_static_single_weight_applies_to_each_term():
     balancer = kd.StaticBalancer(kd_weight=0.7)
-    total = balancer({"student": torch.tensor(2.0), **terms(1.0, 3.0)})
+    total = balancer({"student_loss": torch.tensor(2.0), **terms(1.0, 3.0)})
     assert total.item() == pytest.approx(0.3 * 2.0 + 0.7 * 1.0 + 0.7 * 3.0)
 
 
 def test_static_list_weights_are_per_pair():
     balancer = kd.StaticBalancer(kd_weight=[0.2, 0.5])
-    total = balancer({"student": torch.tensor(2.0), **terms(1.0, 3.0)})
+    total = balancer({"student_loss": torch.tensor(2.0), **terms(1.0, 3.0)})
     assert total.item() == pytest.approx(0.3 * 2.0 + 0.2 * 1.0 + 0.5 * 3.0)
     assert balancer.student_weight == pytest.approx(0.3)
 
@@ -46,7 +46,7 @@ def test_missing_student_loss_is_named():
 
 def test_weight_count_must_match_pairs():
     with pytest.raises(ValueError, match="2 weights for 3 KD pairs"):
-        kd.StaticBalancer([0.2, 0.2])({"student": torch.tensor(1.0), **terms(1, 2, 3)})
+        kd.StaticBalancer([0.2, 0.2])({"student_loss": torch.tensor(1.0), **terms(1, 2, 3)})
 
 
 def test_dynamic_scales_terms_to_student_magnitude():
@@ -97,5 +97,5 @@ def test_callable_balancer_gets_modelopt_loss_dict(batch, pair):
     dm = kd.convert(student, teacher=teacher, criterion=torch.nn.MSELoss(), balancer=balancer)
     dm(batch)
     total = dm.compute_kd_loss(student_loss=torch.tensor(1.0))
-    assert set(seen) == {"student", "output~output"}
+    assert set(seen) == {"student_loss", "output~output"}  # ModelOpt's STUDENT_LOSS_KEY
     assert total.item() == pytest.approx(1.0 + seen["output~output"].item())

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tests.kd.conftest import TinyNet
 from worker import kd
-from worker.kd.losses import LogitsKL, MFTLoss
+from worker.kd.losses import FeatureMSE, LogitsKL, MFTLoss
 
 mtd = pytest.importorskip("modelopt.torch.distill")
 
@@ -47,7 +49,35 @@ def test_mft_equals_modelopt(logits, temperature, threshold):
 def test_static_balancer_equals_modelopt():
     loss_dict = {"student_loss": torch.tensor(2.0), "a": torch.tensor(1.0), "b": torch.tensor(3.0)}
     theirs = mtd.StaticLossBalancer(kd_loss_weight=[0.2, 0.5])(dict(loss_dict))
-    ours = kd.StaticBalancer([0.2, 0.5])(
-        {"student": loss_dict["student_loss"], "a": loss_dict["a"], "b": loss_dict["b"]}
-    )
+    ours = kd.StaticBalancer([0.2, 0.5])(dict(loss_dict))  # the same dict, ModelOpt's keys
     torch.testing.assert_close(ours, theirs)
+
+
+class HalfEach(mtd.DistillationLossBalancer):
+    """A balancer written for ModelOpt: its interface, its student-loss key."""
+
+    def forward(self, loss: dict[str, torch.Tensor]) -> torch.Tensor:
+        student = loss.pop(mtd.loss_balancers.STUDENT_LOSS_KEY)
+        return 0.5 * student + 0.5 * sum(loss.values())
+
+
+@pytest.mark.parametrize("balancer", [HalfEach(), mtd.StaticLossBalancer([0.3, 0.2])])
+def test_modelopt_balancers_work_unchanged(balancer):
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6), torch.tensor([0, 1, 2, 3, 0, 1])
+    dm = kd.convert(
+        TinyNet(hidden=8),
+        teacher=TinyNet(hidden=16),
+        criterion={("", ""): LogitsKL(temperature=2.0), ("body", "body"): FeatureMSE()},
+        balancer=balancer,
+        example_input=x[:2],
+    )
+    student_loss = F.cross_entropy(dm(x), y)
+    total = dm.compute_kd_loss(student_loss=student_loss)
+    terms = dm.kd_loss_components
+    kd_logits, kd_body = terms["output~output"], terms["body~body"]
+    if isinstance(balancer, HalfEach):
+        expected = 0.5 * student_loss + 0.5 * (kd_logits + kd_body)
+    else:  # ModelOpt's static rule: 1 − Σw for the student loss, w per KD term in order
+        expected = 0.5 * student_loss + 0.3 * kd_logits + 0.2 * kd_body
+    torch.testing.assert_close(total, expected)

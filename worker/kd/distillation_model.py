@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from worker.kd.loss_balancers import LossBalancer
+from worker.kd.loss_balancers import STUDENT_LOSS_KEY, LossBalancer
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import OUTPUT, describe_output, display_name, resolve_layer
 
@@ -299,8 +299,10 @@ class DistillationModel(nn.Module):
             weighted = balancer.weighted_terms(terms, student_loss)
             object.__setattr__(self, "_kd_weighted", {k: v.detach() for k, v in weighted.items()})
             return balancer.combine(weighted, student_loss)
-        if balancer is not None:  # any callable taking ModelOpt's loss dict
-            loss_dict = dict(terms) if student_loss is None else {"student": student_loss, **terms}
+        if balancer is not None:  # any callable taking ModelOpt's loss dict (its key, too)
+            loss_dict = (
+                dict(terms) if student_loss is None else {STUDENT_LOSS_KEY: student_loss, **terms}
+            )
             object.__setattr__(self, "_kd_weighted", {})
             return balancer(loss_dict)
         if student_loss is not None:

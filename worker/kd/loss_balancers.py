@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-STUDENT_LOSS_KEY = "student"
+STUDENT_LOSS_KEY = "student_loss"  # ModelOpt's key (mtd.loss_balancers.STUDENT_LOSS_KEY)
 
 
 def _validate_weights(kd_weight: float | Sequence[float]) -> tuple[float, ...]:
@@ -29,7 +29,7 @@ def _validate_weights(kd_weight: float | Sequence[float]) -> tuple[float, ...]:
 
 
 class LossBalancer(nn.Module, abc.ABC):
-    """Combines `{"student": loss, "<pair key>": kd term, ...}` into one scalar."""
+    """Combines `{"student_loss": loss, "<pair key>": kd term, ...}` into one scalar."""
 
     def __init__(self, kd_weight: float | Sequence[float] = 0.5) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class LossBalancer(nn.Module, abc.ABC):
         return total
 
     def forward(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-        """ModelOpt-style call: `{"student": loss, "<pair>": term, ...}` → total."""
+        """ModelOpt-style call: `{"student_loss": loss, "<pair>": term, ...}` → total."""
         terms = dict(loss_dict)
         student_loss = terms.pop(STUDENT_LOSS_KEY, None)
         self._check_student_loss(student_loss)
