@@ -33,6 +33,7 @@ from backend.supervisor import Supervisor
 from tests import factories
 from tests.dispatch.test_local_executor import group_gone
 from tests.factories import create_run
+from tests.helpers import wait_for
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 
@@ -429,16 +430,6 @@ def queue(factory: sessionmaker[Session], settings: Settings, config: dict[str, 
         return service_create_run(session, settings, config).id
 
 
-def wait_for(what: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s")
-
-
 def series(factory: sessionmaker[Session], run_id: str, key: str) -> dict[int, float]:
     with factory() as session:
         rows = session.execute(
@@ -514,15 +505,25 @@ def test_kill_9_mid_epoch_requeues_and_resumes_exactly(
     run_id = queue(factory, settings, config)
     # latest.pt reaches the server about a second after epoch 1 ends; kill -9 once the worker
     # has printed a step of epoch 2
-    wait_for(lambda: "latest.pt" in artifact_names(factory, run_id), timeout=45, interval=0.05)
+    wait_for(
+        lambda: "latest.pt" in artifact_names(factory, run_id),
+        45,
+        "latest.pt among the run's artifacts",
+        interval=0.05,
+    )
     run = state(factory, run_id)
     assert (run.status, run.attempt) == ("running", 1)
-    wait_for(lambda: logged_step(settings, run_id, attempt=1) > STEPS_PER_EPOCH, timeout=20)
+    wait_for(
+        lambda: logged_step(settings, run_id, attempt=1) > STEPS_PER_EPOCH,
+        20,
+        f"attempt 1 to log a step past {STEPS_PER_EPOCH}",
+        interval=0.1,
+    )
     os.kill(ExecutorId.parse(run.executor_id or "").pid, signal.SIGKILL)
     killed_at = logged_step(settings, run_id, attempt=1)
     assert STEPS_PER_EPOCH < killed_at < 2 * STEPS_PER_EPOCH  # inside epoch 2, past its start
 
-    run = wait_for(lambda: finished(factory, run_id), timeout=60)
+    run = wait_for(lambda: finished(factory, run_id), 60, "the run to finish", interval=0.1)
     assert run.status == "succeeded", run.error
     assert run.attempt == 2
     messages = [m for _, m in events(factory, run_id)]
@@ -552,18 +553,23 @@ def test_cancel_during_training_stops_within_the_grace_period(
     grace = 20.0
     real(cancel_grace_seconds=grace)
     run_id = queue(factory, settings, tiny("cancelled", "slow_digits", delay=0.002))
-    wait_for(lambda: logged_step(settings, run_id, attempt=1) >= 10, timeout=45)
+    wait_for(
+        lambda: logged_step(settings, run_id, attempt=1) >= 10,
+        45,
+        "attempt 1 to log step 10",
+        interval=0.1,
+    )
     run = state(factory, run_id)
     assert run.status == "running"
     pgid = ExecutorId.parse(run.executor_id or "").pid
     with factory() as session:
         cancel_run(session, run_id)
     asked = time.monotonic()
-    run = wait_for(lambda: finished(factory, run_id), timeout=grace + 10)
+    run = wait_for(lambda: finished(factory, run_id), grace + 10, "the run to finish", interval=0.1)
     took = time.monotonic() - asked
     assert run.status == "cancelled" and took < grace, (run.status, took)
     assert "latest.pt" in artifact_names(factory, run_id)
-    wait_for(lambda: group_gone(pgid), timeout=10)
+    wait_for(lambda: group_gone(pgid), 10, f"process group {pgid} to be gone", interval=0.1)
     assert max(series(factory, run_id, "train/loss_total")) < 3 * STEPS_PER_EPOCH
 
 
@@ -573,7 +579,7 @@ def test_a_worker_raising_in_a_step_fails_with_the_traceback_tail(
 ) -> None:
     real()
     run_id = queue(factory, settings, tiny("raises", "exploding_digits", after_items=5 * 32))
-    run = wait_for(lambda: finished(factory, run_id), timeout=60)
+    run = wait_for(lambda: finished(factory, run_id), 60, "the run to finish", interval=0.1)
     assert run.status == "failed" and run.attempt == 1
     error = run.error or ""
     assert error.startswith("exploding_digits: item 161 requested, after_items=160")
@@ -606,7 +612,7 @@ def test_a_nan_loss_fails_the_run_naming_the_term(
         },
     }
     run_id = queue(factory, settings, config)
-    run = wait_for(lambda: finished(factory, run_id), timeout=60)
+    run = wait_for(lambda: finished(factory, run_id), 60, "the run to finish", interval=0.1)
     assert run.status == "failed" and run.attempt == 1
     assert (run.error or "").startswith("NaN in train/kd/output"), run.error
     assert " at step 5 " in (run.error or "").splitlines()[0]

@@ -1,14 +1,20 @@
-"""Parity with NVIDIA ModelOpt's distillation losses (runs when nvidia-modelopt is installed)."""
+"""Parity with NVIDIA ModelOpt's distillation losses (runs when nvidia-modelopt is installed).
+
+Skipped without it, except with KDLAB_REQUIRE_MODELOPT=1 (.ci/run): then a missing ModelOpt fails.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import require_module
 from tests.kd.conftest import TinyNet
 from worker import kd
 from worker.kd.losses import FeatureMSE, LogitsKL, MFTLoss
 
-mtd = pytest.importorskip("modelopt.torch.distill")
+mtd = require_module(
+    "modelopt.torch.distill", "KDLAB_REQUIRE_MODELOPT", "nvidia-modelopt (the test extra)"
+)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import uvicorn
 from backend.main import create_app
 from backend.settings import Settings
 from tests.conftest import free_port
+from tests.helpers import wait_for
 from worker.client import (
     ApiClient,
     ApiClientError,
@@ -130,14 +131,6 @@ def value_b(step: int) -> float:
 def log_steps(sink: HttpMetricSink, steps: range) -> None:
     for step in steps:
         sink.log_metrics(step, {"a": value_a(step), "b": value_b(step)})
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- retries and errors

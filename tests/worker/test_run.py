@@ -10,8 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from backend.db.models import Run
 from backend.services.auth import create_token
 from backend.settings import Settings
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config
+from tests.helpers import wait_for
 from worker import catalog, kd
 from worker.client import ApiClient
 from worker.config import RunConfig, TeacherWeights
@@ -159,19 +159,6 @@ def download(url: str, path: str, dest: Path) -> tuple[Path, httpx.Response]:
     return dest, response
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, process=None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the worker exited while waiting for {what}:\n{finish(process)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -281,7 +268,13 @@ def test_cancel_while_training_saves_uploads_latest_and_ends_cancelled(
     run_id = create(live_server, body)
     process = start_worker(live_server, settings, run_id, tmp_path / "work", tmp_path)
     # the checkpoint watcher uploads latest.pt after each epoch, while the run goes on
-    wait_for(lambda: "latest.pt" in artifacts(live_server, run_id), 45, "latest.pt", process)
+    wait_for(
+        lambda: "latest.pt" in artifacts(live_server, run_id),
+        45,
+        "latest.pt",
+        interval=0.02,
+        process=process,
+    )
     assert get(live_server, f"/api/runs/{run_id}")["status"] == "running"
     periodic, _ = download(
         live_server, f"/api/runs/{run_id}/artifacts/latest.pt", tmp_path / "p.pt"
@@ -322,7 +315,7 @@ def test_sigterm_without_cancel_leaves_the_run_to_resume_exactly(live_server, se
             p["key"] == "train/loss_total" and p["step"] >= 20 for p in read_jsonl(path)
         )
 
-    wait_for(trained_a_little, 45, "20 training steps", process)
+    wait_for(trained_a_little, 45, "20 training steps", interval=0.02, process=process)
     os.kill(process.pid, signal.SIGTERM)  # e.g. the machine shuts down: no cancel was asked
     output = finish(process, timeout=30)
     assert process.returncode == 143, output

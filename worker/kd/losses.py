@@ -529,8 +529,16 @@ class GeneralizedJSD(_LogitsLoss):
     With P_t = softmax(t/T), P_s = softmax(s/T) and the mixture M = beta·P_t + (1 − beta)·P_s
     (formed in log space with logsumexp): loss = beta·KL(P_t ‖ M) + (1 − beta)·KL(P_s ‖ M);
     beta = 0 gives KL(P_t ‖ P_s) (forward KL), beta = 1 gives KL(P_s ‖ P_t) (reverse KL).
-    No T² factor (TRL's convention). "batchmean" over positions; ``labels=`` masks -100 positions
-    as in LogitsKL. Float32.
+    No T² factor (TRL's convention). Float32.
+
+    Normalisation ("batchmean" over positions): the per-position divergences (summed over the
+    vocabulary, the last dim) are averaged over every leading position, so 3-D logits (B, S, V)
+    without ``labels`` give their sum divided by B·S, the number of positions. TRL's
+    ``generalized_jsd_loss`` (trl/experimental/gkd/gkd_trainer.py; ``batchmean`` since TRL PR
+    #4105) divides that sum by ``jsd.size(0)``, the batch size B, so for 3-D input without labels
+    TRL's value is S times this one (a sum over the sequence, averaged over the batch); for 2-D
+    (N, V) input both divide by N. With ``labels=`` both divide by the number of positions whose
+    label is not -100 (at least 1: 0 when every position is masked), as in LogitsKL.
     """
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
