@@ -819,9 +819,9 @@ class MlflowMirror:
         if not isinstance(dataset, dict):
             return None
         try:
-            from backend.services.catalog import data_info
             from backend.services.validation import data_root
             from worker.config import DatasetSpec
+            from worker.dry_run import data_info
 
             spec = DatasetSpec.model_validate(dataset)
             info = data_info(spec, int(config.get("seed", 0)), data_root(self.settings))

@@ -5,6 +5,11 @@ Built-ins live in `worker.models` and `worker.datasets`. Plug-ins come from the 
 (a callable `(params: dict, seed: int, val_fraction: float, data_root: Path | None) -> DataBundle`);
 a plug-in is only imported when it is built. A plug-in may not shadow a built-in name.
 
+A dataset states its DataInfo from its params without loading its data through `dataset_info`:
+a built-in declares an `info` callable `(params: dict, data_root: Path | None) -> DataInfo` in its
+CatalogEntry; a plug-in's builder may carry the same callable as its `info` attribute
+(`my_builder.info = my_info`). A dataset without one is built (its data loaded) to learn it.
+
 Nothing here takes an import path or a file path from a request: only catalog names and params.
 """
 
@@ -34,6 +39,7 @@ __all__ = [
     "DataInfo",
     "build_dataset",
     "build_model",
+    "dataset_info",
     "example_input",
     "list_datasets",
     "list_models",
@@ -66,17 +72,27 @@ class DataBundle:
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """A buildable catalog item: its builder, one-line description and typed params (if known)."""
+    """A buildable catalog item: its builder, one-line description and typed params (if known).
+
+    `info` (datasets only): `(params, data_root) -> DataInfo` without loading the data; the
+    dry run (`worker.dry_run`) uses it, and `dataset_info` falls back to building without it.
+    """
 
     builder: Callable[..., Any]
     description: str
     params: type[Params] | None = None
+    info: Callable[[dict[str, Any], Path | None], DataInfo] | None = None
 
     @classmethod
-    def of(cls, builder: Callable[..., Any], params: type[Params]) -> CatalogEntry:
+    def of(
+        cls,
+        builder: Callable[..., Any],
+        params: type[Params],
+        info: Callable[[dict[str, Any], Path | None], DataInfo] | None = None,
+    ) -> CatalogEntry:
         """A built-in entry, described by the first line of the builder's docstring."""
         description = (builder.__doc__ or builder.__name__).strip().splitlines()[0]
-        return cls(builder, description, params)
+        return cls(builder, description, params, info)
 
 
 def _call_plugin(entry_point: EntryPoint, *args: Any) -> Any:
@@ -146,6 +162,29 @@ def build_dataset(spec: DatasetSpec, seed: int, data_root: Path | None = None) -
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset {spec.name!r} built a {type(bundle).__name__}, not a DataBundle")
     return bundle
+
+
+def _declared_info(entry: CatalogEntry) -> Callable[..., DataInfo] | None:
+    if entry.info is not None:
+        return entry.info
+    if isinstance(entry.builder, functools.partial) and entry.builder.func is _call_plugin:
+        declared = getattr(entry.builder.args[0].load(), "info", None)  # a plug-in's `info`
+        return declared if callable(declared) else None
+    return None
+
+
+def dataset_info(spec: DatasetSpec, seed: int, data_root: Path | None = None) -> DataInfo:
+    """The dataset's DataInfo: from the info it declares (its data not loaded), else built.
+
+    Raises the dataset's own error (ValueError for bad params, OSError for missing files).
+    """
+    declared = _declared_info(_entry("datasets", spec.name))
+    if declared is None:
+        return build_dataset(spec, seed, data_root).info
+    info = declared(dict(spec.params), data_root)
+    if not isinstance(info, DataInfo):
+        raise TypeError(f"dataset {spec.name!r} declared a {type(info).__name__}, not a DataInfo")
+    return info
 
 
 def example_input(info: DataInfo, batch_size: int = 2) -> torch.Tensor:

@@ -436,13 +436,46 @@ def cifar10(
     return _bundle(train, len(train), info, seed, val_fraction, train.labels.numpy())
 
 
+# --------------------------------------------------------------------------- declared infos
+# What each dataset gives a model, from its params alone (no data loaded): the dry run's answer.
+# tests/worker/test_catalog.py checks every declaration against the bundle its builder returns.
+
+
+def digits_info(params: dict[str, Any], data_root: Path | None = None) -> DataInfo:
+    shape = (1, 8, 8) if DigitsParams.parse(params, "dataset 'digits'").as_image else (64,)
+    return DataInfo("classification", 10, shape, torch.float32)
+
+
+def synthetic_classification_info(
+    params: dict[str, Any], data_root: Path | None = None
+) -> DataInfo:
+    p = SyntheticClassificationParams.parse(params, "dataset 'synthetic_classification'")
+    return DataInfo("classification", p.n_classes, (p.n_features,), torch.float32)
+
+
+def synthetic_lm_info(params: dict[str, Any], data_root: Path | None = None) -> DataInfo:
+    p = SyntheticLMParams.parse(params, "dataset 'synthetic_lm'")
+    return _lm_info(p.vocab_size, p.seq_len)
+
+
+def text_file_info(params: dict[str, Any], data_root: Path | None = None) -> DataInfo:
+    return _lm_info(256, TextFileParams.parse(params, "dataset 'text_file'").seq_len)
+
+
+def cifar10_info(params: dict[str, Any], data_root: Path | None = None) -> DataInfo:
+    Cifar10Params.parse(params, "dataset 'cifar10'")
+    return DataInfo("classification", 10, (3, 32, 32), torch.float32)
+
+
 BUILTINS: dict[str, CatalogEntry] = {
-    "digits": CatalogEntry.of(digits, DigitsParams),
+    "digits": CatalogEntry.of(digits, DigitsParams, digits_info),
     "synthetic_classification": CatalogEntry.of(
-        synthetic_classification, SyntheticClassificationParams
+        synthetic_classification, SyntheticClassificationParams, synthetic_classification_info
     ),
-    "synthetic_lm": CatalogEntry.of(synthetic_lm, SyntheticLMParams),
-    "text_file": CatalogEntry.of(text_file, TextFileParams),
+    "synthetic_lm": CatalogEntry.of(synthetic_lm, SyntheticLMParams, synthetic_lm_info),
+    "text_file": CatalogEntry.of(text_file, TextFileParams, text_file_info),
+    # image_folder has no declaration: its channels and classes come from the files, so it is
+    # built (its folders listed, no image decoded) to learn them
     "image_folder": CatalogEntry.of(image_folder, ImageFolderParams),
-    "cifar10": CatalogEntry.of(cifar10, Cifar10Params),
+    "cifar10": CatalogEntry.of(cifar10, Cifar10Params, cifar10_info),
 }

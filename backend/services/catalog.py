@@ -1,51 +1,28 @@
-"""The catalog as the API serves it, and model probes (layer trees, output shapes).
+"""The catalog as the API serves it, and layer trees (output shapes).
 
-Models are built on the meta device (no memory, no compute) and probed with a zero batch of 2;
-a forward that cannot run on meta tensors is tried with fake tensors (also free), and only then
-run for real on the CPU (see `probe_model`).
+The probes themselves are the worker's dry run (`worker.dry_run.probe_model`: meta device, then
+fake tensors, then one CPU forward); this module maps its answers to JSON and HTTP errors.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from pydantic import ValidationError
-from torch import nn
-from torch.func import functional_call
 
 from backend.errors import Invalid, NotFound
 from backend.json_depth import too_deep, too_deep_error
 from backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossParam
 from worker import catalog
 from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
+from worker.dry_run import PROBE_TIME_LIMIT_S, build_error, data_info, probe_model
 from worker.kd.loss_balancers import BALANCERS
 from worker.kd.losses import LOSSES
-from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import (
-    OUTPUT,
-    Deadline,
-    ProbeLimit,
-    capture_outputs,
-    check_deadline,
-    deadline_scope,
-    probe_outputs,
-)
-
-PROBE_BATCH = 2
-CPU_PROBE_MAX_PARAMS = 50_000_000  # larger models are probed uninitialised (see probe_model)
-# The probe's size and time box (a dry run answers in seconds, whatever the config asks for):
-PROBE_MAX_MODULES = 5_000  # named modules of one model (a 64-block gpt2 has under 1,000)
-PROBE_MAX_PARAMS = 10_000_000_000  # parameters of one model probed on meta/fake tensors (free)
-# a model whose meta and fake probes both fail is run for real on the CPU: at most this many
-# parameters (4 GB in fp32), so a dry run cannot exhaust the server's memory
-CPU_FORWARD_MAX_PARAMS = 1_000_000_000
-PROBE_TIME_LIMIT_S = 30.0  # one dry run: every model built and probed within this
+from worker.kd.probe import Deadline
 
 Loc = list[str | int]
 
@@ -105,178 +82,6 @@ def catalog_listing() -> Catalog:
     )
 
 
-# --------------------------------------------------------------------------- data info
-
-
-def data_info(spec: DatasetSpec, seed: int, data_root: Path | None) -> catalog.DataInfo:
-    """The dataset's DataInfo without loading its data where the built-in makes that possible.
-
-    digits, the synthetic sets, text_file and cifar10 know their shapes from their params;
-    image_folder lists its class folders (no image is decoded); plug-ins are built.
-    Raises ValueError/OSError with the dataset's own message.
-    """
-    from worker import datasets as ds
-
-    owner = f"dataset {spec.name!r}"
-    params = dict(spec.params)
-    if spec.name == "digits":
-        shape = (1, 8, 8) if ds.DigitsParams.parse(params, owner).as_image else (64,)
-        return catalog.DataInfo("classification", 10, shape, torch.float32)
-    if spec.name == "synthetic_classification":
-        sc = ds.SyntheticClassificationParams.parse(params, owner)
-        return catalog.DataInfo("classification", sc.n_classes, (sc.n_features,), torch.float32)
-    if spec.name == "synthetic_lm":
-        lm = ds.SyntheticLMParams.parse(params, owner)
-        return catalog.DataInfo("lm", lm.vocab_size, (lm.seq_len,), torch.long)
-    if spec.name == "text_file":
-        return catalog.DataInfo(
-            "lm", 256, (ds.TextFileParams.parse(params, owner).seq_len,), torch.long
-        )
-    if spec.name == "cifar10":
-        ds.Cifar10Params.parse(params, owner)
-        return catalog.DataInfo("classification", 10, (3, 32, 32), torch.float32)
-    return catalog.build_dataset(spec, seed, data_root).info
-
-
-# --------------------------------------------------------------------------- probes
-
-
-@dataclass
-class Probe:
-    """A built model and the raw outputs of its modules for a zero batch of PROBE_BATCH."""
-
-    model: nn.Module
-    outputs: dict[str, Any]
-    mode: Literal["meta", "fake", "cpu"]  # how the forward ran (see probe_model)
-
-    def tensor(self, name: str) -> torch.Tensor | None:
-        out = unwrap_model_output(self.outputs.get(name))
-        return out if isinstance(out, torch.Tensor) else None
-
-    def shape(self, name: str) -> list[int] | None:
-        out = self.tensor(name)
-        return list(out.shape) if out is not None else None
-
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _fake_outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, Any]:
-    """Like `probe_outputs`, with FakeTensors on the CPU instead of meta tensors.
-
-    Libraries skip their data-dependent checks for fake tensors (transformers treats them as
-    tracing), so e.g. GPT-2, whose mask code reads values on meta, probes here for free.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    hooked = [n for n in names if n != OUTPUT]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), capture_outputs(model, hooked) as seen, FakeTensorMode():
-            tensors = [*model.named_parameters(), *model.named_buffers()]
-            state = {
-                k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu")
-                for k, v in tensors
-            }
-            fake_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cpu")
-            out = functional_call(model, state, (fake_x,), strict=False)
-            result = dict(seen)
-    finally:
-        model.train(was_training)
-    if OUTPUT in names:
-        result[OUTPUT] = out
-    return result
-
-
-def check_probe_size(model: nn.Module) -> None:
-    """ProbeLimit when `model` has more modules or parameters than the probe handles."""
-    modules = sum(1 for _ in model.modules())
-    if modules > PROBE_MAX_MODULES:
-        raise ProbeLimit(
-            f"{modules} layers (modules); the probe handles at most {PROBE_MAX_MODULES}: "
-            "use fewer layers"
-        )
-    params = sum(p.numel() for p in model.parameters())
-    if params > PROBE_MAX_PARAMS:
-        raise ProbeLimit(
-            f"{params:,} parameters; the probe handles at most {PROBE_MAX_PARAMS:,}: "
-            "use a smaller model"
-        )
-
-
-def probe_model(
-    spec: ModelSpec,
-    info: catalog.DataInfo,
-    input_transform: Transform | None = None,
-    deadline: Deadline | None = None,
-) -> Probe:
-    """Build `spec` for `info` and record every named module's output, as cheaply as possible.
-
-    1. built on the meta device, probed with meta tensors (no memory, no compute);
-    2. if that forward fails (data-dependent code), probed with fake tensors (also free);
-    3. else one real forward on the CPU: the model built for real when it has at most
-       CPU_PROBE_MAX_PARAMS parameters, otherwise materialised without initialisation
-       (`to_empty`; the probe needs shapes, not values).
-    `input_transform` (e.g. a teacher input adapter) is applied to the zero batch first.
-    Errors of the builder or the forward pass propagate with their own message.
-
-    Size and time box: a model with more than PROBE_MAX_MODULES modules or PROBE_MAX_PARAMS
-    parameters is refused before its forward, and the probe stops at `deadline` (default:
-    PROBE_TIME_LIMIT_S from now; checked at every module's forward), both with ProbeLimit.
-    """
-    with deadline_scope(deadline or Deadline.after(PROBE_TIME_LIMIT_S)):
-        return _probe_model(spec, info, input_transform)
-
-
-def _probe_model(
-    spec: ModelSpec, info: catalog.DataInfo, input_transform: Transform | None
-) -> Probe:
-    x = catalog.example_input(info, PROBE_BATCH)
-    if input_transform is not None:
-        x = input_transform(x)
-    meta_model: nn.Module | None = None
-    try:
-        with torch.device("meta"):
-            meta_model = catalog.build_model(spec, info)
-    except Exception:  # a builder that needs real tensors: straight to the CPU
-        meta_model = None
-    if meta_model is not None:
-        check_probe_size(meta_model)
-        check_deadline()
-        names = [name for name, _ in meta_model.named_modules()]
-        for mode, probe in (("meta", probe_outputs), ("fake", _fake_outputs)):
-            try:
-                return Probe(meta_model, probe(meta_model, names, x), mode)  # type: ignore[arg-type]
-            except ProbeLimit:
-                raise
-            except Exception:
-                check_deadline()
-                continue
-    size = sum(p.numel() for p in meta_model.parameters()) if meta_model is not None else 0
-    if size > CPU_FORWARD_MAX_PARAMS:
-        raise ProbeLimit(
-            f"{size:,} parameters, and the model does not run on meta or fake tensors: a real "
-            f"forward on the server's CPU handles at most {CPU_FORWARD_MAX_PARAMS:,}"
-        )
-    if meta_model is not None and size > CPU_PROBE_MAX_PARAMS:
-        model = meta_model.to_empty(device="cpu")
-    else:
-        model = catalog.build_model(spec, info)  # raises the builder's own error
-        check_probe_size(model)
-    check_deadline()
-    names = [name for name, _ in model.named_modules()]
-    return Probe(model, probe_outputs(model, names, x), "cpu")
-
-
-def build_error(err: Exception) -> str:
-    """A builder's or probe's exception as one message line."""
-    message = str(err).strip() or type(err).__name__
-    return (
-        message if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {message}"
-    )
-
-
 # --------------------------------------------------------------------------- layer tree
 
 
@@ -332,7 +137,7 @@ def model_layers(
     except (ValueError, OSError, TypeError) as err:
         raise Invalid.at(["query", "dataset_params"], build_error(err)) from None
     try:
-        probe = probe_model(spec, info)
+        probe = probe_model(spec, info, deadline=Deadline.after(PROBE_TIME_LIMIT_S))
     except Exception as err:
         raise Invalid.at(["query", "params"], build_error(err)) from None
     return [

@@ -3,11 +3,11 @@
 Two stages, both answering FastAPI's 422 list (`loc` = where the error is, under `body`):
 
 1. the pydantic schema (`worker.config.RunConfig`): types, bounds, catalog/loss names;
-2. deep checks that need the models: student and teacher built on the meta device for the
-   dataset's DataInfo, every pair's layer names (close matches suggested), each pair's output
-   shapes fed to a fresh loss's `setup` (a mismatch without an adapter names both shapes), the
-   teacher input adapter, and the teacher weights (a succeeded run with a matching model and
-   checkpoint, or an upload whose tensors fit the teacher).
+2. deep checks that need the models: the worker's dry run (`worker.dry_run`: the dataset's
+   DataInfo, student and teacher probed, the teacher input adapter, every pair through the
+   engine's own checks), then the teacher weights (a succeeded run with a matching model and
+   checkpoint, or an upload whose tensors fit the teacher), which need the database.
+   This module only maps the dry run's answers to JSON paths.
 
 Nothing here writes to the database. The model probes run before any query, so no database
 transaction (SQLite takes its write lock at BEGIN) is open while they run.
@@ -15,7 +15,6 @@ transaction (SQLite takes its write lock at BEGIN) is open while they run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch import nn
@@ -31,24 +29,25 @@ from torch import nn
 from backend.db.models import Artifact, Run, Upload
 from backend.errors import Invalid
 from backend.schemas.runs import MemoryEstimate, PairReport
-from backend.services.catalog import (
-    PROBE_BATCH,
-    PROBE_TIME_LIMIT_S,
-    Probe,
-    build_error,
-    data_info,
-    probe_model,
-    pydantic_errors,
-)
+from backend.services.catalog import pydantic_errors
 from backend.settings import Settings
 from worker import catalog
 from worker.checkpoint import BEST, LATEST
-from worker.config import DatasetSpec, DistillSpec, ModelSpec, RunConfig, TeacherSpec
-from worker.kd.adapters import NormalizationAdapter
-from worker.kd.losses import build_loss
+from worker.config import DatasetSpec, RunConfig, TeacherSpec
+from worker.dry_run import (
+    PROBE_BATCH,
+    PROBE_TIME_LIMIT_S,
+    CheckedPair,
+    Probe,
+    build_error,
+    data_info,
+    dry_run,
+    shape_mismatch,
+    state_shapes,
+)
 from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import Deadline, ProbeLimit, describe_output, display_name, resolve_layer
-from worker.kd.serialization import METADATA_KEY
+from worker.kd.probe import Deadline
+from worker.kd.serialization import header_shapes
 
 Loc = list[str | int]
 
@@ -104,85 +103,28 @@ def check_config(
     """Both stages; Invalid listing every error found (the schema's first, alone)."""
     config = parse_config(data, prefix)
     errors = _Errors(list(prefix))
-    try:
-        info = data_info(config.dataset, config.seed, data_root(settings))
-    except Exception as err:
-        message = f"dataset {config.dataset.name!r}: {build_error(err)}"
-        raise Invalid.at([*errors.prefix, "dataset"], message) from None
-    deadline = Deadline.after(PROBE_TIME_LIMIT_S)  # one time box for the whole dry run
-    student = _probe(errors, "student", config.student, config.dataset, info, None, deadline)
-    teacher: Probe | None = None
-    pairs: list[PairReport] = []
-    learned: list[nn.Parameter] = []
+    # one time box for the whole dry run
+    checked = dry_run(config, data_root(settings), Deadline.after(PROBE_TIME_LIMIT_S))
+    for problem in checked.problems:
+        errors.add(list(problem.loc), problem.msg)
+    if checked.info is None:  # the dataset itself: nothing else was checked
+        errors.raise_if_any()
+    assert checked.info is not None
+    student, teacher = checked.student, checked.teacher
     teacher_run_id = None
     if config.kind == "distill":
-        assert config.teacher is not None and config.distill is not None
-        adapter = _input_adapter(errors, config.distill, config.dataset, info)
-        teacher = _probe(errors, "teacher", config.teacher, config.dataset, info, adapter, deadline)
-        if student is not None and teacher is not None:
-            pairs, learned = _check_pairs(errors, config.distill, student, teacher)
+        assert config.teacher is not None
         teacher_run_id = _check_weights(
-            session, settings, errors, config.teacher, teacher, info, config.dataset
+            session, settings, errors, config.teacher, teacher, checked.info, config.dataset
         )
     errors.raise_if_any()
     assert student is not None
+    learned = [p for pair in checked.pairs for p in pair.loss.parameters()]
     memory = estimate_memory(config, student, teacher, learned)
-    return CheckedConfig(config, pairs, memory, teacher_run_id)
+    return CheckedConfig(config, [_pair_report(p) for p in checked.pairs], memory, teacher_run_id)
 
 
-# --------------------------------------------------------------------------- models and pairs
-
-
-def _probe(
-    errors: _Errors,
-    role: str,
-    spec: ModelSpec,
-    dataset: DatasetSpec,
-    info: catalog.DataInfo,
-    adapter: nn.Module | None = None,
-    deadline: Deadline | None = None,
-) -> Probe | None:
-    try:
-        return probe_model(spec, info, adapter, deadline)
-    except ProbeLimit as err:  # too large or too slow to probe: no params dump, just the limit
-        errors.add([role], f"{role} {spec.name!r}: {err}")
-        return None
-    except Exception as err:
-        errors.add(
-            [role],
-            f"cannot build {role} {spec.name!r} with params {spec.params} for dataset "
-            f"{dataset.name!r}: {build_error(err)}",
-        )
-        return None
-
-
-def _input_adapter(
-    errors: _Errors, spec: DistillSpec, dataset: DatasetSpec, info: catalog.DataInfo
-) -> nn.Module | None:
-    """The teacher input adapter the trainer would build, tried on a zero batch."""
-    adapter_spec = spec.teacher_input_adapter
-    if adapter_spec is None:
-        return None
-    loc: Loc = ["distill", "teacher_input_adapter"]
-    if not info.input_dtype.is_floating_point:
-        errors.add(
-            loc,
-            f"the normalization adapter rescales float inputs, but dataset {dataset.name!r} "
-            f"gives {info.input_dtype} inputs (token ids); remove teacher_input_adapter",
-        )
-        return None
-    params = {k: v if isinstance(v, list) else [v] for k, v in adapter_spec.params.items()}
-    try:
-        adapter = NormalizationAdapter(**params)
-        adapter(catalog.example_input(info, PROBE_BATCH))
-    except (ValueError, TypeError) as err:
-        errors.add(
-            [*loc, "params"],
-            f"{err} (dataset {dataset.name!r} gives inputs of shape [B, "
-            f"{', '.join(map(str, info.input_shape))}]; the adapter's channel dim is dim 1)",
-        )
-        return None
-    return adapter
+# --------------------------------------------------------------------------- pairs
 
 
 def describe_adapter(loss: nn.Module) -> str | None:
@@ -200,70 +142,16 @@ def _shape(value: Any) -> list[int] | None:
     return list(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def _layer_output(errors: _Errors, loc: Loc, probe: Probe, layer: str, role: str) -> Any:
-    """The probed output of `layer`; None (and an error) when it does not exist or did not run."""
-    try:
-        resolve_layer(probe.model, layer, role)
-    except ValueError as err:
-        errors.add([*loc, f"{role}_layer"], str(err))
-        return None
-    if layer not in probe.outputs:
-        errors.add(
-            [*loc, f"{role}_layer"],
-            f"{role}_layer {layer!r} did not run in the {role}'s forward pass; pick a module "
-            "that does",
-        )
-        return None
-    return unwrap_model_output(probe.outputs[layer])
-
-
-def _check_pairs(
-    errors: _Errors, spec: DistillSpec, student: Probe, teacher: Probe
-) -> tuple[list[PairReport], list[nn.Parameter]]:
-    """Each pair's layers and shapes through a fresh loss's `setup` (adapters built on meta)."""
-    reports: list[PairReport] = []
-    learned: list[nn.Parameter] = []
-    for i, pair in enumerate(spec.pairs):
-        loc: Loc = ["distill", "pairs", i]
-        s_out = _layer_output(errors, loc, student, pair.student_layer, "student")
-        t_out = _layer_output(errors, loc, teacher, pair.teacher_layer, "teacher")
-        if s_out is None or t_out is None:
-            continue
-        loss = build_loss(pair.loss.name, pair.loss.params)
-        bad = [
-            (role, layer, out)
-            for role, layer, out in (
-                ("student", pair.student_layer, s_out),
-                ("teacher", pair.teacher_layer, t_out),
-            )
-            if not isinstance(out, torch.Tensor)
-        ]
-        if bad and getattr(loss, "expects_tensors", True):
-            for role, layer, out in bad:
-                errors.add(
-                    [*loc, f"{role}_layer"],
-                    f"the {role} output of layer {display_name(layer)!r} is a "
-                    f"{describe_output(out)}, not a tensor; {type(loss).__name__} needs tensors",
-                )
-            continue
-        try:
-            with torch.device("meta"):  # learned adapters cost nothing here
-                loss.setup(s_out.shape, t_out.shape)
-        except ValueError as err:
-            errors.add([*loc, "loss"], str(err))
-            continue
-        learned += list(loss.parameters())
-        reports.append(
-            PairReport(
-                student_layer=pair.student_layer,
-                teacher_layer=pair.teacher_layer,
-                student_shape=_shape(s_out),
-                teacher_shape=_shape(t_out),
-                adapter=describe_adapter(loss),
-                formula=loss.describe(),
-            )
-        )
-    return reports, learned
+def _pair_report(pair: CheckedPair) -> PairReport:
+    describe = getattr(pair.loss, "describe", None)
+    return PairReport(
+        student_layer=pair.student_layer,
+        teacher_layer=pair.teacher_layer,
+        student_shape=_shape(pair.student_out),
+        teacher_shape=_shape(pair.teacher_out),
+        adapter=describe_adapter(pair.loss),
+        formula=describe() if describe is not None else type(pair.loss).__name__,
+    )
 
 
 # --------------------------------------------------------------------------- teacher weights
@@ -276,29 +164,6 @@ def _normal_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         return model.model_validate(params).model_dump(mode="json") if model else dict(params)
     except (ValueError, ValidationError):
         return dict(params)
-
-
-def _state_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def _shape_mismatch(expected: dict[str, list[int]], found: dict[str, list[int]]) -> str | None:
-    """What keeps `found` tensors from loading into a model with `expected` ones; None if fine."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    differ = [
-        f"{k} {found[k]} vs {expected[k]}"
-        for k in sorted(set(expected) & set(found))
-        if expected[k] != found[k]
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    if unexpected:
-        parts.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
-    if differ:
-        parts.append(f"shapes differ (weights vs teacher): {'; '.join(differ[:5])}")
-    return ", ".join(parts) or None
 
 
 def _check_weights(
@@ -387,9 +252,7 @@ def _check_teacher_run(
             try:
                 with torch.device("meta"):
                     trained_model = catalog.build_model(spec, run_info)
-                mismatch = _shape_mismatch(
-                    _state_shapes(teacher.model), _state_shapes(trained_model)
-                )
+                mismatch = shape_mismatch(state_shapes(teacher.model), state_shapes(trained_model))
             except Exception:
                 mismatch = None
             if mismatch:
@@ -413,21 +276,6 @@ def _check_teacher_run(
         )
 
 
-def _upload_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor names and shapes from a safetensors header (no tensor is read)."""
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        header = f.metadata() or {}
-    try:
-        aliases = json.loads(header[METADATA_KEY]).get("aliases", {})
-    except (KeyError, ValueError, AttributeError):
-        aliases = {}
-    for alias, target in aliases.items():  # tied weights kd.save stored once
-        if target in shapes:
-            shapes[alias] = shapes[target]
-    return shapes
-
-
 def _check_upload(
     session: Session,
     settings: Settings,
@@ -442,7 +290,7 @@ def _check_upload(
         errors.add(loc, f"upload {upload_id!r} does not exist; POST the file to /api/uploads")
         return
     try:
-        shapes = _upload_shapes(settings.uploads_dir / upload.path)
+        shapes = header_shapes(settings.uploads_dir / upload.path)
     except Exception as err:
         errors.add(
             loc,
@@ -452,7 +300,7 @@ def _check_upload(
         return
     if teacher is None:
         return
-    mismatch = _shape_mismatch(_state_shapes(teacher.model), shapes)
+    mismatch = shape_mismatch(state_shapes(teacher.model), shapes)
     if mismatch:
         errors.add(
             loc,

@@ -98,7 +98,7 @@ def test_layer_tree_errors(client):
 
 
 def test_probe_falls_back_to_fake_tensors_then_the_cpu(monkeypatch):
-    from backend.services import catalog as service
+    from worker import dry_run as service
 
     info = catalog.DataInfo("classification", 10, (64,), torch.float32)
     spec = ModelSpec(name="mlp", params={"hidden": [8]})
@@ -116,7 +116,7 @@ def test_probe_falls_back_to_fake_tensors_then_the_cpu(monkeypatch):
     def no_fake(*_args):
         raise RuntimeError("data-dependent")
 
-    monkeypatch.setattr(service, "_fake_outputs", no_fake)
+    monkeypatch.setattr(service, "fake_outputs", no_fake)
     cpu = service.probe_model(spec, info)
     assert (cpu.mode, cpu.shape("features.0")) == ("cpu", [2, 8])
     monkeypatch.setattr(service, "CPU_PROBE_MAX_PARAMS", 10)  # too big to initialise

@@ -102,6 +102,10 @@ def test_tied_weights_round_trip(tmp_path):
     tokens = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(fresh(tokens), model(tokens))
     assert fresh.out.weight is fresh.embed.weight
+    # the dry run reads the same names from the header alone, tied ones included
+    shapes = kd.serialization.header_shapes(path)
+    assert shapes == {k: list(v.shape) for k, v in kd.load_state_dict(path).items()}
+    assert shapes["out.weight"] == [10, 4]
 
 
 def test_restore_into_converted_student(pair, batch, tmp_path):

@@ -295,7 +295,7 @@ def test_validate_with_5000_hidden_layers_is_refused_by_the_schema(client):
 
 
 def test_a_model_with_too_many_modules_is_refused_before_its_probe(client, monkeypatch):
-    from backend.services import catalog as service
+    from worker import dry_run as service
 
     monkeypatch.setattr(service, "PROBE_MAX_MODULES", 10)
     body = config(DIGITS_TEACHER, student={"name": "mlp", "params": {"hidden": [8] * 4}})
@@ -309,7 +309,7 @@ def test_a_model_with_too_many_modules_is_refused_before_its_probe(client, monke
 
 
 def test_a_model_with_too_many_parameters_is_refused(client, monkeypatch):
-    from backend.services import catalog as service
+    from worker import dry_run as service
 
     monkeypatch.setattr(service, "PROBE_MAX_PARAMS", 1000)
     body = config(DIGITS_KD, student={"name": "mlp", "params": {"hidden": [4]}})
@@ -322,13 +322,13 @@ def test_a_model_with_too_many_parameters_is_refused(client, monkeypatch):
 def test_a_model_that_needs_a_real_forward_is_bounded_in_size(client, monkeypatch):
     """Meta and fake tensors both fail (data-dependent code): the CPU forward that is left
     would allocate the model, so it has its own, smaller bound."""
-    from backend.services import catalog as service
+    from worker import dry_run as service
 
     def fails(*_: Any, **__: Any) -> Any:
         raise RuntimeError("data-dependent control flow")
 
     monkeypatch.setattr(service, "probe_outputs", fails)
-    monkeypatch.setattr(service, "_fake_outputs", fails)
+    monkeypatch.setattr(service, "fake_outputs", fails)
     monkeypatch.setattr(service, "CPU_FORWARD_MAX_PARAMS", 1000)
     params = 64 * 16 + 16 + 16 * 10 + 10  # Linear(64→16) + Linear(16→10)
     body = config(DIGITS_TEACHER, student={"name": "mlp", "params": {"hidden": [16]}})

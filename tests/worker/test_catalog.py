@@ -476,3 +476,62 @@ def test_plugin_may_not_shadow_a_builtin(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="plug-in model 'mlp' .* shadows the built-in"):
         catalog.list_models()
+
+
+# --------------------------------------------------------------------------- declared infos
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("digits", {}),
+        ("digits", {"as_image": True, "n_train": 50}),
+        ("synthetic_classification", {"n_samples": 40, "n_features": 5, "n_classes": 4}),
+        ("synthetic_lm", {"n_sequences": 8, "seq_len": 6, "vocab_size": 11}),
+        ("text_file", {"path": "corpus/a.txt", "seq_len": 16}),
+    ],
+)
+def test_declared_infos_are_what_the_builders_give(
+    tmp_path: Path, name: str, params: dict[str, Any]
+) -> None:
+    """The dry run's DataInfo (no data loaded) is the trainer's (the built bundle's)."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(bytes(range(256)))
+    spec = DatasetSpec(name=name, params=params)
+    declared = catalog._registry("datasets")[name].info
+    assert declared is not None
+    built = catalog.build_dataset(spec, seed=0, data_root=tmp_path).info
+    assert declared(dict(params), tmp_path) == built
+    assert catalog.dataset_info(spec, 0, tmp_path) == built
+
+
+def test_cifar10_info_needs_no_files() -> None:
+    spec = DatasetSpec(name="cifar10", params={})
+    info = catalog.dataset_info(spec, 0, None)
+    assert info == DataInfo("classification", 10, (3, 32, 32), torch.float32)
+
+
+def test_a_plugin_dataset_may_declare_its_info_or_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = PLUGIN_MODULE + textwrap.dedent(
+        """
+        def declared_data(params, seed, val_fraction, data_root):
+            raise AssertionError("the dry run must not build a dataset that declares its info")
+
+        declared_data.info = lambda params, data_root: DataInfo(
+            "classification", params.get("classes", 3), (7,), torch.float32
+        )
+        """
+    )
+    entry_points = """
+        [kdlab.datasets]
+        tiny_data = kdlab_info_plugin:tiny_data
+        declared_data = kdlab_info_plugin:declared_data
+    """
+    _install_fake_distribution(tmp_path, "kdlab_info_plugin", entry_points, module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    declared = catalog.dataset_info(DatasetSpec(name="declared_data", params={"classes": 4}), 0)
+    assert declared == DataInfo("classification", 4, (7,), torch.float32)
+    built = catalog.dataset_info(DatasetSpec(name="tiny_data"), 0)  # no `info`: built
+    assert built == DataInfo("classification", 2, (3,), torch.float32)

@@ -36,6 +36,40 @@ def _accepted_kwargs(loss: Callable) -> set[str] | None:
     return {p.name for p in params}
 
 
+class LayerOutputError(TypeError):
+    """A paired layer's output is no tensor but its loss needs one; `role` and `layer` say which."""
+
+    def __init__(self, message: str, role: str, layer: str):
+        super().__init__(message)
+        self.role = role
+        self.layer = layer
+
+
+def kd_loss_inputs(
+    pair: LayerPair, loss: Any, student_out: Any, teacher_out: Any
+) -> tuple[Any, Any]:
+    """What a pair's loss receives: library output objects unwrapped; a loss that declares
+    `expects_tensors` (every built-in KDLoss) gets tensors or LayerOutputError.
+
+    The one rule for the engine (`DistillationModel`) and the dry run (`worker.dry_run`).
+    """
+    student_out, teacher_out = unwrap_model_output(student_out), unwrap_model_output(teacher_out)
+    if getattr(loss, "expects_tensors", False):
+        for role, layer, out in (
+            ("student", pair[0], student_out),
+            ("teacher", pair[1], teacher_out),
+        ):
+            if not isinstance(out, torch.Tensor):
+                raise LayerOutputError(
+                    f"{role} output of layer {display_name(layer)!r} is a {describe_output(out)}, "
+                    f"not a tensor; {type(loss).__name__} needs tensors. Pick a layer whose output "
+                    "is a tensor, or write a loss that takes this output.",
+                    role,
+                    layer,
+                )
+    return student_out, teacher_out
+
+
 def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -273,23 +307,7 @@ class DistillationModel(nn.Module):
     def _kd_loss_inputs(
         self, pair: LayerPair, loss: nn.Module, student_out: Any, teacher_out: Any
     ) -> tuple[Any, Any]:
-        """Unwrap library output objects; built-in losses insist on tensors."""
-        student_out, teacher_out = (
-            unwrap_model_output(student_out),
-            unwrap_model_output(teacher_out),
-        )
-        if getattr(loss, "expects_tensors", False):
-            for role, layer, out in (
-                ("student", pair[0], student_out),
-                ("teacher", pair[1], teacher_out),
-            ):
-                if not isinstance(out, torch.Tensor):
-                    raise TypeError(
-                        f"{role} output of layer {display_name(layer)!r} is a {describe_output(out)}, "
-                        f"not a tensor; {type(loss).__name__} needs tensors. Pick a layer whose output "
-                        "is a tensor, or write a loss that takes this output."
-                    )
-        return student_out, teacher_out
+        return kd_loss_inputs(pair, loss, student_out, teacher_out)
 
     def _kd_balance(
         self, terms: dict[str, torch.Tensor], student_loss: torch.Tensor | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +108,39 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(header[METADATA_KEY])
 
 
+def _aliases(header: dict[str, str]) -> dict[str, str]:
+    """Tied names `kd.save` stored once (alias → stored name); {} for a file it did not write."""
+    try:
+        aliases = json.loads(header[METADATA_KEY]).get("aliases", {})
+    except (KeyError, ValueError, AttributeError):
+        return {}
+    return dict(aliases) if isinstance(aliases, dict) else {}
+
+
+def _entries(path: str | os.PathLike, read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """`read(file, name)` for every stored tensor, tied names re-attached to their target."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        entries = {key: read(f, key) for key in f.keys()}  # noqa: SIM118 - not a mapping
+    for alias, target in _aliases(header).items():
+        if target in entries:
+            entries[alias] = entries[target]
+    return entries
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The saved tensors, tied names re-attached."""
-    meta = load_metadata(path)
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-            state[key] = f.get_tensor(key)
-    for alias, target in meta.get("aliases", {}).items():
-        state[alias] = state[target]
-    return state
+    load_metadata(path)  # refuses a file kd.save did not write
+    return _entries(path, lambda f, key: f.get_tensor(key))
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Every name `load_state_dict` would return, with its shape, from the header alone.
+
+    No tensor is read. Works for any safetensors file (one without KD Lab metadata has no
+    tied names), so the dry run can check an uploaded teacher without loading it.
+    """
+    return _entries(path, lambda f, key: list(f.get_slice(key).get_shape()))
 
 
 def restore(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
