@@ -24,14 +24,6 @@ KEY_MAX = 250  # MLflow's limit on param, tag and metric keys
 TAG_VALUE_MAX = 5000  # MLflow takes 8000 (5000 on older servers)
 TRUNCATED = "...[truncated]"
 
-# Losses whose scale depends on a temperature, and the T² convention each follows
-# (worker.kd.losses): LogitsKL and MFTLoss multiply by T² unless scale_by_t2=False,
-# DKDLoss always does, GeneralizedJSD never does.
-_T2_SWITCHABLE = {"logits_kl", "mft"}
-_T2_ALWAYS = {"dkd"}
-_T2_NEVER = {"generalized_jsd"}
-
-
 # --------------------------------------------------------------------------- small helpers
 
 
@@ -104,13 +96,25 @@ def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _loss_defaults(name: str) -> dict[str, Any]:
-    """The loss class's keyword defaults (the effective values when a param is left out)."""
+def _loss_class(name: str) -> type[Any] | None:
+    """The engine's loss class registered as `name` (None for a name it does not know, such as
+    an external run's)."""
     try:
         from worker.kd.losses import LOSSES
 
-        signature = inspect.signature(LOSSES[name].__init__)
-    except Exception:  # an unknown loss name (external runs) has no defaults
+        return LOSSES[name]
+    except Exception:
+        return None
+
+
+def _loss_defaults(name: str) -> dict[str, Any]:
+    """The loss class's keyword defaults (the effective values when a param is left out)."""
+    cls = _loss_class(name)
+    try:
+        signature = inspect.signature(cls.__init__) if cls is not None else None
+    except Exception:
+        signature = None
+    if signature is None:  # an unknown loss name (external runs) has no defaults
         return {}
     return {
         p.name: p.default
@@ -119,32 +123,29 @@ def _loss_defaults(name: str) -> dict[str, Any]:
     }
 
 
-def _loss_class(name: str) -> str:
-    try:
-        from worker.kd.losses import LOSSES
-
-        return LOSSES[name].__name__
-    except Exception:
-        return name
-
-
 def _number(value: Any) -> str:
     return _scalar_text(value)
 
 
 def _t2_convention(name: str, params: Mapping[str, Any]) -> str | None:
+    """How a temperature-based loss's scale depends on T², as the loss class declares it
+    (`KDLoss.t2_scaling`: "always", "never", or "switchable" by its `scale_by_t2` param).
+    None for a loss without a temperature, or one the engine does not know."""
     cls = _loss_class(name)
+    scaling = getattr(cls, "t2_scaling", None)
+    if cls is None or scaling is None or "temperature" not in params:
+        return None
     temperature = params.get("temperature")
     t_text = f"T={_number(temperature)}" if temperature is not None else ""
-    if name in _T2_SWITCHABLE:
+    if scaling == "switchable":
         if params.get("scale_by_t2", True) is False:
-            return f"{cls} does not multiply by T² (scale_by_t2=false, {t_text})"
+            return f"{cls.__name__} does not multiply by T² (scale_by_t2=false, {t_text})"
         factor = f", factor {_number(float(temperature) ** 2)}" if temperature is not None else ""
-        return f"{cls} multiplies by T² ({t_text}{factor})"
-    if name in _T2_ALWAYS:
-        return f"{cls} multiplies by T² ({t_text})"
-    if name in _T2_NEVER:
-        return f"{cls} has no T² factor ({t_text})"
+        return f"{cls.__name__} multiplies by T² ({t_text}{factor})"
+    if scaling == "always":
+        return f"{cls.__name__} multiplies by T² ({t_text})"
+    if scaling == "never":
+        return f"{cls.__name__} has no T² factor ({t_text})"
     return None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tests.conftest import free_port
 from tests.factories import DIGITS_KD, DIGITS_TEACHER
 from worker import catalog, kd
 from worker.config import ModelSpec
+from worker.kd import losses
 
 # MLflow's own store code, under SQLAlchemy 2.1
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -203,6 +205,29 @@ def test_kd_tags_name_the_conventions() -> None:
     no_t2["distill"]["pairs"][0]["loss"]["params"]["scale_by_t2"] = False
     assert "does not multiply by T²" in fmt.kd_tags(no_t2)["kd.t2_convention"]
     assert fmt.kd_tags(DIGITS_TEACHER) == {"kd.student": "mlp"}
+
+
+def test_each_loss_declares_its_t2_convention_and_the_tags_follow_it() -> None:
+    for name, cls in losses.LOSSES.items():
+        assert "t2_scaling" in vars(cls), f"{name}: {cls.__name__} declares no t2_scaling"
+        switch = "scale_by_t2" in inspect.signature(cls.__init__).parameters
+        assert (cls.t2_scaling == "switchable") == switch, name
+
+    def convention(name: str, **params: Any) -> str | None:
+        config = copy.deepcopy(DIGITS_KD)
+        config["distill"]["pairs"][0]["loss"] = {"name": name, "params": params}
+        return fmt.kd_tags(config).get("kd.t2_convention")
+
+    assert convention("dkd") == "DKDLoss multiplies by T² (T=4.0)"
+    assert convention("generalized_jsd", temperature=2.0) == (
+        "GeneralizedJSD has no T² factor (T=2.0)"
+    )
+    assert convention("mft", temperature=2.0) == "MFTLoss multiplies by T² (T=2.0, factor 4.0)"
+    assert convention("mft", scale_by_t2=False) == (
+        "MFTLoss does not multiply by T² (scale_by_t2=false, T=1.0)"
+    )
+    assert convention("feature_mse") is None  # no temperature, no convention to name
+    assert convention("someone_elses_loss", temperature=2.0) is None
 
 
 # --------------------------------------------------------------------------- the hooks
