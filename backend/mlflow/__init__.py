@@ -29,7 +29,10 @@ What a KD Lab run becomes in MLflow
   `kdlab.teacher_fingerprint`, `kdlab.error` (the last 5,000 characters; "" once cleared), the KD
   conventions (`kd.losses`, `kd.pairs`, `kd.temperatures`, `kd.t2_convention` such as "LogitsKL
   multiplies by T² (T=4.0, factor 16.0)", `kd.balancer`, `kd.balancer.kd_weight`,
-  `kd.pair.<i>.formula` — the loss's own `describe()`), `kdlab.student_sha256`.
+  `kd.pair.<i>.formula` — the loss's own `describe()`, as the trainer logged it in the run's
+  metadata: a run has no formula tags until then, and gets them with the first status change
+  mirrored after it, at the latest with its terminal status), `kdlab.student_sha256`. The
+  `kd.t2_convention` comes from each loss class's own `t2_scaling`.
 - status: queued → SCHEDULED, starting/running → RUNNING, succeeded → FINISHED, failed → FAILED,
   cancelled → KILLED (terminal ones with `set_terminated`, end time = the run's `finished_at`).
 - metrics: `log_batch` in chunks of ≤ 1,000, timestamp = the point's wall time in ms, step =

@@ -282,21 +282,19 @@ def student_payload(artifact: Artifact) -> dict[str, Any]:
     }
 
 
-def formula_tags(created: Mapping[str, Any]) -> dict[str, str]:
-    """`kd.pair.<i>.formula`: each pair loss's own description of what it computes."""
+def formula_tags(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """`kd.pair.<i>.formula`: each pair loss's formula as the trainer wrote it into the run's
+    metadata (`metadata["loss"]["kd"]["terms"][i]["formula"]`: the loss's own `describe()`, set
+    up for the shapes it trained on). Empty while the worker has not logged it yet, and for
+    train and external runs."""
+    loss = metadata.get("loss")
+    kd = loss.get("kd") if isinstance(loss, Mapping) else None
+    terms = kd.get("terms") if isinstance(kd, Mapping) else None
     tags: dict[str, str] = {}
-    raw = created.get("tags") or {}
-    index = 0
-    while f"kd.pair.{index}.loss" in raw:
-        try:
-            from worker.kd.losses import build_loss
-
-            params = json.loads(raw.get(f"kd.pair.{index}.params", "{}"))
-            loss = build_loss(raw[f"kd.pair.{index}.loss"], params)
-            tags[f"kd.pair.{index}.formula"] = truncate(loss.describe(), TAG_VALUE_MAX)
-        except Exception:  # a description is a nicety; the run mirrors without it
-            pass
-        index += 1
+    for index, term in enumerate(terms if isinstance(terms, list) else []):
+        formula = term.get("formula") if isinstance(term, Mapping) else None
+        if isinstance(formula, str) and formula:
+            tags[f"kd.pair.{index}.formula"] = truncate(formula, TAG_VALUE_MAX)
     return tags
 
 

@@ -214,7 +214,7 @@ class RunStore:
                 run_name=info.name,
             )
             mlflow_run_id = created.info.run_id
-        self.describe(mlflow_run_id, info.created, info.state)
+        self.describe(mlflow_run_id, run_id, info.created, info.state)
         with self.factory() as session:
             session.execute(
                 update(RUNS)
@@ -230,22 +230,36 @@ class RunStore:
         self._verified.add(mlflow_run_id)
         return Target(experiment_id, mlflow_run_id), True
 
-    def describe(self, mlflow_run_id: str, created: dict[str, Any], state: dict[str, Any]) -> None:
+    def describe(
+        self, mlflow_run_id: str, run_id: str, created: dict[str, Any], state: dict[str, Any]
+    ) -> None:
         """Params, tags and status of a run (idempotent: params are logged with the same
         values, tags overwrite)."""
         from mlflow.entities import Param, RunTag
 
         params = [Param(k, str(v)) for k, v in (created.get("params") or {}).items()]
-        tags = dict(created.get("tags") or {})
-        tags.update(fmt.formula_tags(created))
-        tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+        tag_list = [RunTag(k, str(v)) for k, v in (created.get("tags") or {}).items()]
         for chunk in chunks(params, PARAM_TAG_CHUNK):
             self.client.log_batch(mlflow_run_id, params=chunk, synchronous=True)
         for chunk in chunks(tag_list, PARAM_TAG_CHUNK):
             self.client.log_batch(mlflow_run_id, tags=chunk, synchronous=True)
-        self.apply_state(mlflow_run_id, state)
+        self.apply_state(mlflow_run_id, run_id, state)
 
-    def apply_state(self, mlflow_run_id: str, state: dict[str, Any]) -> None:
+    def formula_tags(self, run_id: str) -> dict[str, str]:
+        """`kd.pair.<i>.formula` from the metadata the worker logged for the run so far (the
+        `metadata {...}` log lines, `backend.services.run_views.metadata`); empty until the
+        trainer logged its loss."""
+        from backend.services.run_views import metadata
+
+        with self.factory() as session:
+            logged = metadata(session, run_id)
+            session.rollback()
+        return fmt.formula_tags(logged)
+
+    def apply_state(self, mlflow_run_id: str, run_id: str, state: dict[str, Any]) -> None:
+        """Status tags and MLflow status of a run, and each pair's formula once the worker
+        logged it (so a run gets its formulas with the first status change mirrored after its
+        trainer started, at the latest with its terminal status)."""
         from mlflow.entities import RunTag
 
         status = str(state.get("status") or "queued")
@@ -257,7 +271,9 @@ class RunStore:
             tags.append(RunTag("kdlab.error", fmt.truncate(str(error), fmt.TAG_VALUE_MAX, "tail")))
         elif "error" in (state.get("changed") or []):
             tags.append(RunTag("kdlab.error", ""))
-        self.client.log_batch(mlflow_run_id, tags=tags, synchronous=True)
+        tags.extend(RunTag(k, v) for k, v in self.formula_tags(run_id).items())
+        for chunk in chunks(tags, PARAM_TAG_CHUNK):
+            self.client.log_batch(mlflow_run_id, tags=chunk, synchronous=True)
         mlflow_status = fmt.STATUS_MAP.get(status, "RUNNING")
         if mlflow_status in fmt.TERMINAL:
             end = state.get("finished_at_ms") or int(time.time() * 1000)

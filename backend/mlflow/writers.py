@@ -32,7 +32,7 @@ def run_created(store: RunStore, _dedup: MetricDedup, row: OutboxRow) -> dict[st
     target, fresh = ensured
     if not fresh:  # a fresh MLflow run was described from the current row already
         state = {"status": row.payload.get("status", "queued"), "changed": []}
-        store.describe(target.run_id, row.payload, state)
+        store.describe(target.run_id, row.run_id, row.payload, state)
     return None
 
 
@@ -42,7 +42,7 @@ def run_updated(store: RunStore, _dedup: MetricDedup, row: OutboxRow) -> dict[st
         return None
     target, fresh = ensured
     if not fresh:
-        store.apply_state(target.run_id, row.payload)
+        store.apply_state(target.run_id, row.run_id, row.payload)
     return None
 
 

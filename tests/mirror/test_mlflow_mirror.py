@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,8 +30,9 @@ from backend.settings import Settings
 from tests.conftest import free_port
 from tests.factories import DIGITS_KD, DIGITS_TEACHER
 from worker import catalog, kd
-from worker.config import ModelSpec
+from worker.config import ModelSpec, RunConfig
 from worker.kd import losses
+from worker.loss_formula import describe_from_config, loss_formula
 
 # MLflow's own store code, under SQLAlchemy 2.1
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -110,6 +112,16 @@ def post_metrics(api: TestClient, run_id: str, points: list[dict[str, Any]]) -> 
         with factory(api)() as session:
             hooks.enqueue_metrics(session, run_id, points)
             session.commit()
+
+
+def log_loss_metadata(api: TestClient, run_id: str, config: dict[str, Any]) -> None:
+    """The `metadata {...}` log line a distill run's trainer posts (`worker.http_sink`), with the
+    loss formula it writes (`worker.loss_formula`)."""
+    spec = RunConfig.model_validate(config)
+    meta = {"loss": loss_formula(spec, describe_from_config(spec))}
+    line = "metadata " + json.dumps(meta, ensure_ascii=False, sort_keys=True)
+    response = api.post(f"/api/runs/{run_id}/logs", json={"lines": [line]})
+    assert response.status_code == 200, response.text
 
 
 def curve(key: str, steps: range, offset: float = 0.0) -> list[dict[str, Any]]:
@@ -336,6 +348,7 @@ def test_runs_metrics_statuses_and_student_arrive_in_mlflow(
     cancelled = create(api, DIGITS_TEACHER, experiment=experiment, name="never-ran")
 
     set_run(api, teacher, status="running", started_at=utcnow())
+    log_loss_metadata(api, student, DIGITS_KD)  # the trainer's metadata, once it started
     set_run(api, student, status="running", teacher_fingerprint="ab" * 32)
     teacher_points = curve("train/loss_total", range(0, 1500)) + curve(
         "eval/acc", range(0, 1500, 500)
@@ -376,6 +389,7 @@ def test_runs_metrics_statuses_and_student_arrive_in_mlflow(
     assert t.data.params["student.params.hidden"] == "[64]"
     assert t.data.tags["kdlab.kind"] == "train" and t.data.tags["kdlab.status"] == "succeeded"
     assert t.data.tags["kdlab.run_id"] == teacher
+    assert not [k for k in t.data.tags if k.endswith(".formula")]  # a train run has no KD terms
     assert history(mlflow, t.info.run_id, "train/loss_total") == expected(teacher_points[:1500])
     assert history(mlflow, t.info.run_id, "eval/acc") == expected(teacher_points[1500:])
     first = min(mlflow.get_metric_history(t.info.run_id, "eval/acc"), key=lambda m: m.step)
@@ -478,6 +492,30 @@ def test_mlflow_unreachable_outbox_waits_then_catches_up_exactly_once(
     assert again.drain_once() == 7
     assert len(mlflow.get_metric_history(remote.info.run_id, "train/loss_total")) == 2500
     assert len(mlflow.search_runs([exp.experiment_id])) == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_formulas_come_from_the_workers_metadata_once_it_logged_them(
+    api: TestClient, mirrored: Settings, mlflow_uri: str
+) -> None:
+    """A run's `kd.pair.<i>.formula` is what its trainer logged; before the trainer logged it
+    the MLflow run has the config's tags but no formula, and gets it with the next status change
+    mirrored after the metadata arrived."""
+    run_id = create(api, DIGITS_KD, experiment=unique("formula"))
+    mirror = MlflowMirror(mirrored, factory(api))
+    mlflow = MlflowClient(mlflow_uri)
+    assert mirror.drain_once() == 1
+    tags = mlflow_run(mlflow, api, run_id).data.tags
+    assert tags["kd.losses"] == "logits_kl" and "kd.pair.0.formula" not in tags
+    set_run(api, run_id, status="starting")
+    assert mirror.drain_once() == 1
+    assert "kd.pair.0.formula" not in mlflow_run(mlflow, api, run_id).data.tags
+    log_loss_metadata(api, run_id, DIGITS_KD)
+    assert mirror.drain_once() == 0  # a log line queues nothing by itself
+    set_run(api, run_id, status="running")
+    assert mirror.drain_once() == 1
+    formula = mlflow_run(mlflow, api, run_id).data.tags["kd.pair.0.formula"]
+    assert formula == losses.LogitsKL(temperature=4.0).describe() and "16 · KL" in formula
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
