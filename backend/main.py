@@ -18,7 +18,7 @@ from backend.api import artifacts, catalog, compare, health, metrics, runs, uplo
 from backend.body_limit import BodyLimit
 from backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
 from backend.errors import Invalid, ServiceError, Unavailable
-from backend.mlflow_mirror import MlflowMirror
+from backend.mlflow import MlflowMirror
 from backend.pages import compare as compare_page
 from backend.pages import docs as docs_page
 from backend.pages import launch as launch_page

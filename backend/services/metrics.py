@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session
 
 from backend.db.models import Metric, Run
 from backend.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from backend.mlflow.hooks import enqueue_metrics
 from backend.schemas.metrics import MetricKeyOut, MetricPointIn, SeriesOut
 from backend.schemas.runs import FINISHED
-from backend.services import outbox, rollups
+from backend.services import rollups
 from backend.services.downsample import Window, downsample
 from backend.settings import Settings
 
@@ -173,7 +174,7 @@ def ingest(
     if rows:
         _upsert(session, run_id, rows)
         rollups.refresh(session, run_id, rows)
-        outbox.enqueue_metrics(session, run_id, rows)
+        enqueue_metrics(session, run_id, rows)
     session.commit()
     return len(points)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,13 +24,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.db.models import MlflowOutbox, Run, utcnow
-from backend.mlflow_mirror import MlflowMirror
-from backend.services import outbox
+from backend.mlflow import MlflowMirror, hooks
+from backend.mlflow import format as fmt
 from backend.settings import Settings
 from tests.conftest import free_port
 from tests.factories import DIGITS_KD, DIGITS_TEACHER
 from worker import catalog, kd
-from worker.config import ModelSpec
+from worker.config import ModelSpec, RunConfig
+from worker.kd import losses
+from worker.loss_formula import describe_from_config, loss_formula
 
 # MLflow's own store code, under SQLAlchemy 2.1
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -48,28 +52,24 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def hooks() -> Iterator[None]:
-    installed = outbox.hooks_installed()
-    outbox.install_outbox_hooks()
-    yield
-    if not installed:
-        outbox.uninstall_outbox_hooks()
-
-
-@pytest.fixture
-def mirrored(settings: Settings, mlflow_uri: str, hooks: None) -> Settings:
+def mirrored(settings: Settings, mlflow_uri: str) -> Settings:
     return settings.model_copy(update={"mlflow_tracking_uri": mlflow_uri})
 
 
 @pytest.fixture
 def api(mirrored: Settings) -> Iterator[TestClient]:
-    """The app, with any mirror of its own off: the tests drain with mirrors they make."""
+    """The app, with any mirror of its own off: the tests drain with mirrors they make; the
+    outbox hooks on its sessionmaker, as a mirror's `start()` installs them."""
     from backend.main import create_app
 
     app = create_app(mirrored.model_copy(update={"mlflow_tracking_uri": "none"}))
-    with TestClient(app, base_url="http://127.0.0.1") as test_client:
-        yield test_client
-    app.state.engine.dispose()
+    hooks.install_outbox_hooks(app.state.session_factory)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as test_client:
+            yield test_client
+    finally:
+        hooks.uninstall_outbox_hooks(app.state.session_factory)
+        app.state.engine.dispose()
 
 
 def factory(api: TestClient) -> sessionmaker[Session]:
@@ -104,14 +104,24 @@ def outbox_rows(api: TestClient, run_id: str | None = None) -> list[MlflowOutbox
 
 def post_metrics(api: TestClient, run_id: str, points: list[dict[str, Any]]) -> None:
     """POST a batch; queue it for MLflow ourselves if the metrics service does not (yet)."""
-    before = len([r for r in outbox_rows(api, run_id) if r.kind == outbox.METRICS])
+    before = len([r for r in outbox_rows(api, run_id) if r.kind == hooks.METRICS])
     response = api.post(f"/api/runs/{run_id}/metrics", json={"points": points})
     assert response.status_code == 200, response.text
-    after = len([r for r in outbox_rows(api, run_id) if r.kind == outbox.METRICS])
+    after = len([r for r in outbox_rows(api, run_id) if r.kind == hooks.METRICS])
     if after == before:  # the service's enqueue_metrics call is not wired in yet
         with factory(api)() as session:
-            outbox.enqueue_metrics(session, run_id, points)
+            hooks.enqueue_metrics(session, run_id, points)
             session.commit()
+
+
+def log_loss_metadata(api: TestClient, run_id: str, config: dict[str, Any]) -> None:
+    """The `metadata {...}` log line a distill run's trainer posts (`worker.http_sink`), with the
+    loss formula it writes (`worker.loss_formula`)."""
+    spec = RunConfig.model_validate(config)
+    meta = {"loss": loss_formula(spec, describe_from_config(spec))}
+    line = "metadata " + json.dumps(meta, ensure_ascii=False, sort_keys=True)
+    response = api.post(f"/api/runs/{run_id}/logs", json={"lines": [line]})
+    assert response.status_code == 200, response.text
 
 
 def curve(key: str, steps: range, offset: float = 0.0) -> list[dict[str, Any]]:
@@ -167,7 +177,7 @@ def expected(points: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def test_params_are_the_flattened_config_cut_to_mlflows_limit() -> None:
-    params = outbox.flatten_params(
+    params = fmt.flatten_params(
         {**DIGITS_KD, "notes": "x" * 2000, "empty": {}, "flags": [True, None]}
     )
     assert params["train.optimizer.lr"] == "0.003"
@@ -176,18 +186,18 @@ def test_params_are_the_flattened_config_cut_to_mlflows_limit() -> None:
     assert params["student.params.hidden"] == "[16]"
     assert params["dataset.params"] == "{}"
     assert params["flags"] == "[true, null]"
-    assert len(params["notes"]) == outbox.PARAM_VALUE_MAX
-    assert params["notes"].endswith(outbox.TRUNCATED)
-    assert all(len(v) <= outbox.PARAM_VALUE_MAX for v in params.values())
+    assert len(params["notes"]) == fmt.PARAM_VALUE_MAX
+    assert params["notes"].endswith(fmt.TRUNCATED)
+    assert all(len(v) <= fmt.PARAM_VALUE_MAX for v in params.values())
 
 
 def test_metric_keys_become_names_mlflow_accepts() -> None:
-    assert outbox.mlflow_key("train/kd/output~output") == "train/kd/output-to-output"
-    assert outbox.mlflow_key("train/loss_total") == "train/loss_total"
-    assert outbox.mlflow_key("a//b/./c/") == "a/b/c"
-    assert outbox.mlflow_key("weird key!") == "weird key_"
-    long = outbox.mlflow_key("k" * 400)
-    assert len(long) == outbox.KEY_MAX and long != outbox.mlflow_key("k" * 399)
+    assert fmt.mlflow_key("train/kd/output~output") == "train/kd/output-to-output"
+    assert fmt.mlflow_key("train/loss_total") == "train/loss_total"
+    assert fmt.mlflow_key("a//b/./c/") == "a/b/c"
+    assert fmt.mlflow_key("weird key!") == "weird key_"
+    long = fmt.mlflow_key("k" * 400)
+    assert len(long) == fmt.KEY_MAX and long != fmt.mlflow_key("k" * 399)
 
 
 def test_kd_tags_name_the_conventions() -> None:
@@ -196,7 +206,7 @@ def test_kd_tags_name_the_conventions() -> None:
         {"student_layer": "net.0", "teacher_layer": "net.0", "loss": {"name": "feature_mse"}}
     )
     config["distill"]["balancer"]["params"]["kd_weight"] = [0.5, 0.2]
-    tags = outbox.kd_tags(config)
+    tags = fmt.kd_tags(config)
     assert tags["kd.losses"] == "logits_kl,feature_mse"
     assert tags["kd.pairs"] == "output~output,net.0~net.0"
     assert tags["kd.temperatures"] == "4.0"
@@ -205,8 +215,31 @@ def test_kd_tags_name_the_conventions() -> None:
     assert tags["kd.balancer.kd_weight"] == "[0.5, 0.2]"
     no_t2 = copy.deepcopy(DIGITS_KD)
     no_t2["distill"]["pairs"][0]["loss"]["params"]["scale_by_t2"] = False
-    assert "does not multiply by T²" in outbox.kd_tags(no_t2)["kd.t2_convention"]
-    assert outbox.kd_tags(DIGITS_TEACHER) == {"kd.student": "mlp"}
+    assert "does not multiply by T²" in fmt.kd_tags(no_t2)["kd.t2_convention"]
+    assert fmt.kd_tags(DIGITS_TEACHER) == {"kd.student": "mlp"}
+
+
+def test_each_loss_declares_its_t2_convention_and_the_tags_follow_it() -> None:
+    for name, cls in losses.LOSSES.items():
+        assert "t2_scaling" in vars(cls), f"{name}: {cls.__name__} declares no t2_scaling"
+        switch = "scale_by_t2" in inspect.signature(cls.__init__).parameters
+        assert (cls.t2_scaling == "switchable") == switch, name
+
+    def convention(name: str, **params: Any) -> str | None:
+        config = copy.deepcopy(DIGITS_KD)
+        config["distill"]["pairs"][0]["loss"] = {"name": name, "params": params}
+        return fmt.kd_tags(config).get("kd.t2_convention")
+
+    assert convention("dkd") == "DKDLoss multiplies by T² (T=4.0)"
+    assert convention("generalized_jsd", temperature=2.0) == (
+        "GeneralizedJSD has no T² factor (T=2.0)"
+    )
+    assert convention("mft", temperature=2.0) == "MFTLoss multiplies by T² (T=2.0, factor 4.0)"
+    assert convention("mft", scale_by_t2=False) == (
+        "MFTLoss does not multiply by T² (scale_by_t2=false, T=1.0)"
+    )
+    assert convention("feature_mse") is None  # no temperature, no convention to name
+    assert convention("someone_elses_loss", temperature=2.0) is None
 
 
 # --------------------------------------------------------------------------- the hooks
@@ -216,7 +249,7 @@ def test_hooks_enqueue_in_the_transaction_that_made_the_change(api: TestClient) 
     experiment = unique("hooks")
     run_id = create(api, DIGITS_KD, experiment=experiment, name="kd")
     [created] = outbox_rows(api, run_id)
-    assert created.kind == outbox.RUN_CREATED and created.done_at is None
+    assert created.kind == hooks.RUN_CREATED and created.done_at is None
     assert created.payload["experiment"] == experiment and created.payload["name"] == "kd"
     assert created.payload["params"]["distill.balancer.params.kd_weight"] == "0.7"
     assert created.payload["tags"]["kdlab.kind"] == "distill"
@@ -243,12 +276,34 @@ def test_hooks_enqueue_in_the_transaction_that_made_the_change(api: TestClient) 
         session.execute(update(Run), [{"id": run_id, "status": "cancelled"}])
         session.commit()
     rows = outbox_rows(api, run_id)
-    assert [r.kind for r in rows] == [outbox.RUN_CREATED] + [outbox.RUN_UPDATED] * 3
+    assert [r.kind for r in rows] == [hooks.RUN_CREATED] + [hooks.RUN_UPDATED] * 3
     assert rows[3].payload["status"] == "cancelled" and rows[3].payload["changed"] == ["status"]
     assert rows[1].payload["status"] == "running"
     assert rows[1].payload["changed"] == ["status", "teacher_fingerprint"]
     assert rows[2].payload["status"] == "failed" and rows[2].payload["error"] == "boom"
     assert rows[2].payload["teacher_fingerprint"] == "f" * 64
+
+
+def test_hooks_watch_only_the_apps_own_sessions(api: TestClient) -> None:
+    """Another sessionmaker on the same database (a CLI command's, a script's) queues nothing:
+    the hooks are on the app's sessionmaker, not on every `Session` in the process."""
+    run_id = create(api, DIGITS_TEACHER, experiment=unique("scoped"))
+    app_factory = factory(api)
+    other = sessionmaker(app_factory.kw["bind"], expire_on_commit=False)
+    assert hooks.hooks_installed(app_factory) and not hooks.hooks_installed(other)
+    for session in (other(), Session(app_factory.kw["bind"])):
+        with session:
+            assert not hooks.hooks_installed(session)
+            run = session.get(Run, run_id)
+            assert run is not None
+            run.status = "cancelled" if run.status != "cancelled" else "queued"
+            session.commit()
+            session.execute(update(Run).where(Run.id == run_id).values(error="elsewhere"))
+            hooks.enqueue_metrics(session, run_id, curve("train/loss_total", range(3)))
+            session.commit()
+    assert [r.kind for r in outbox_rows(api, run_id)] == [hooks.RUN_CREATED]
+    set_run(api, run_id, status="running")  # the app's own sessions are still watched
+    assert [r.kind for r in outbox_rows(api, run_id)] == [hooks.RUN_CREATED, hooks.RUN_UPDATED]
 
 
 def test_student_uploads_and_metric_batches_are_queued(api: TestClient, tmp_path: Path) -> None:
@@ -264,17 +319,17 @@ def test_student_uploads_and_metric_batches_are_queued(api: TestClient, tmp_path
     upload_student(api, run_id, tmp_path, [8])
     upload_student(api, run_id, tmp_path, [9])  # replaced: queued again
     with factory(api)() as session:
-        outbox.enqueue_metrics(session, run_id, curve("train/loss_total", range(3)))
-        outbox.enqueue_metrics(session, run_id, [])
+        hooks.enqueue_metrics(session, run_id, curve("train/loss_total", range(3)))
+        hooks.enqueue_metrics(session, run_id, [])
         session.commit()
     rows = outbox_rows(api, run_id)
     kinds = [r.kind for r in rows]
     assert kinds == [
-        outbox.RUN_CREATED,
-        outbox.RUN_UPDATED,
-        outbox.STUDENT,
-        outbox.STUDENT,
-        outbox.METRICS,
+        hooks.RUN_CREATED,
+        hooks.RUN_UPDATED,
+        hooks.STUDENT,
+        hooks.STUDENT,
+        hooks.METRICS,
     ]
     first, second = rows[2].payload, rows[3].payload
     assert first["artifact_id"] == second["artifact_id"] and first["sha256"] != second["sha256"]
@@ -293,6 +348,7 @@ def test_runs_metrics_statuses_and_student_arrive_in_mlflow(
     cancelled = create(api, DIGITS_TEACHER, experiment=experiment, name="never-ran")
 
     set_run(api, teacher, status="running", started_at=utcnow())
+    log_loss_metadata(api, student, DIGITS_KD)  # the trainer's metadata, once it started
     set_run(api, student, status="running", teacher_fingerprint="ab" * 32)
     teacher_points = curve("train/loss_total", range(0, 1500)) + curve(
         "eval/acc", range(0, 1500, 500)
@@ -333,6 +389,7 @@ def test_runs_metrics_statuses_and_student_arrive_in_mlflow(
     assert t.data.params["student.params.hidden"] == "[64]"
     assert t.data.tags["kdlab.kind"] == "train" and t.data.tags["kdlab.status"] == "succeeded"
     assert t.data.tags["kdlab.run_id"] == teacher
+    assert not [k for k in t.data.tags if k.endswith(".formula")]  # a train run has no KD terms
     assert history(mlflow, t.info.run_id, "train/loss_total") == expected(teacher_points[:1500])
     assert history(mlflow, t.info.run_id, "eval/acc") == expected(teacher_points[1500:])
     first = min(mlflow.get_metric_history(t.info.run_id, "eval/acc"), key=lambda m: m.step)
@@ -427,7 +484,7 @@ def test_mlflow_unreachable_outbox_waits_then_catches_up_exactly_once(
     with factory(api)() as session:
         session.execute(
             update(MlflowOutbox)
-            .where(MlflowOutbox.run_id == run_id, MlflowOutbox.kind != outbox.RUN_CREATED)
+            .where(MlflowOutbox.run_id == run_id, MlflowOutbox.kind != hooks.RUN_CREATED)
             .values(done_at=None)
         )
         session.commit()
@@ -438,12 +495,36 @@ def test_mlflow_unreachable_outbox_waits_then_catches_up_exactly_once(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_formulas_come_from_the_workers_metadata_once_it_logged_them(
+    api: TestClient, mirrored: Settings, mlflow_uri: str
+) -> None:
+    """A run's `kd.pair.<i>.formula` is what its trainer logged; before the trainer logged it
+    the MLflow run has the config's tags but no formula, and gets it with the next status change
+    mirrored after the metadata arrived."""
+    run_id = create(api, DIGITS_KD, experiment=unique("formula"))
+    mirror = MlflowMirror(mirrored, factory(api))
+    mlflow = MlflowClient(mlflow_uri)
+    assert mirror.drain_once() == 1
+    tags = mlflow_run(mlflow, api, run_id).data.tags
+    assert tags["kd.losses"] == "logits_kl" and "kd.pair.0.formula" not in tags
+    set_run(api, run_id, status="starting")
+    assert mirror.drain_once() == 1
+    assert "kd.pair.0.formula" not in mlflow_run(mlflow, api, run_id).data.tags
+    log_loss_metadata(api, run_id, DIGITS_KD)
+    assert mirror.drain_once() == 0  # a log line queues nothing by itself
+    set_run(api, run_id, status="running")
+    assert mirror.drain_once() == 1
+    formula = mlflow_run(mlflow, api, run_id).data.tags["kd.pair.0.formula"]
+    assert formula == losses.LogitsKL(temperature=4.0).describe() and "16 · KL" in formula
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_row_mlflow_refuses_is_given_up_and_the_queue_moves_on(
     api: TestClient, mirrored: Settings, mlflow_uri: str
 ) -> None:
     run_id = create(api, DIGITS_TEACHER, experiment=unique("refused"))
     with factory(api)() as session:
-        outbox.enqueue(session, run_id, "no-such-kind", {})
+        hooks.enqueue(session, run_id, "no-such-kind", {})
         session.commit()
     post_metrics(api, run_id, curve("ok", range(3)))
     mirror = MlflowMirror(mirrored, factory(api))

@@ -20,7 +20,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from worker.kd.adapters_auto import build_auto_adapter
 
 IGNORE_INDEX = -100
 _BATCHMEAN = "batchmean over positions (all leading dims; label -100 excluded when labels= given)"
+T2Scaling = Literal["always", "never", "switchable"]  # `KDLoss.t2_scaling`
 
 __all__ = [
     "IGNORE_INDEX",
@@ -243,9 +244,14 @@ def _safe_targets(labels: Tensor, fallback: Tensor) -> Tensor:
 
 
 class KDLoss(nn.Module, abc.ABC):
-    """Base of the engine's losses: ``forward(student_out, teacher_out, **kwargs) -> scalar``."""
+    """Base of the engine's losses: ``forward(student_out, teacher_out, **kwargs) -> scalar``.
+
+    Each loss declares ``t2_scaling``, its T² convention: "always" (multiplies by T²), "never"
+    (no T² factor; so every loss without a temperature), "switchable" (multiplies by T² unless
+    its ``scale_by_t2`` param is False)."""
 
     expects_tensors: bool = True
+    t2_scaling: ClassVar[T2Scaling]
 
     def setup(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         """Validate the probed output shapes and build learned parts; the default accepts any."""
@@ -357,6 +363,8 @@ class LogitsKL(_LogitsLoss):
     float32; the result is float32.
     """
 
+    t2_scaling: ClassVar[T2Scaling] = "switchable"
+
     def __init__(self, temperature: float = 1.0, scale_by_t2: bool = True) -> None:
         super().__init__()
         self.temperature = _check_temperature(self._name, temperature)
@@ -392,6 +400,8 @@ class MFTLoss(_LogitsLoss):
     "batchmean" over label-bearing positions (label ≠ -100; token level for ``[B, L, V]``).
     Needs ``labels=``. Computed in float32.
     """
+
+    t2_scaling: ClassVar[T2Scaling] = "switchable"
 
     needs_labels = True
 
@@ -465,6 +475,8 @@ class DKDLoss(_LogitsLoss):
     incremented by every forward in training mode (the current step counts, so the first training
     step already uses 1/warmup_steps; eval reuses the last value). Needs ``labels=``. Float32.
     """
+
+    t2_scaling: ClassVar[T2Scaling] = "always"
 
     needs_labels = True
 
@@ -541,6 +553,8 @@ class GeneralizedJSD(_LogitsLoss):
     label is not -100 (at least 1: 0 when every position is masked), as in LogitsKL.
     """
 
+    t2_scaling: ClassVar[T2Scaling] = "never"
+
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__()
         self.beta = _check_number(
@@ -593,6 +607,8 @@ class FeatureMSE(_AdaptedLoss):
     registered submodule (trained, in ``state_dict``). Float32 result.
     """
 
+    t2_scaling: ClassVar[T2Scaling] = "never"
+
     def __init__(self, adapter: str | nn.Module | None = "auto") -> None:
         super().__init__(adapter)
 
@@ -611,6 +627,8 @@ class CosineLoss(_AdaptedLoss):
     otherwise) and averaged over every remaining position. ``adapter`` as in FeatureMSE, default
     None (equal shapes required). Float32 result.
     """
+
+    t2_scaling: ClassVar[T2Scaling] = "never"
 
     def __init__(self, dim: int | None = None, adapter: str | nn.Module | None = None) -> None:
         super().__init__(adapter)
@@ -640,6 +658,8 @@ class AttentionTransfer(KDLoss):
     over samples and spatial positions. Features are ``[N, C, *spatial]``; channel counts may
     differ, batch and spatial sizes must match. Float32.
     """
+
+    t2_scaling: ClassVar[T2Scaling] = "never"
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
@@ -683,6 +703,8 @@ class MGDLoss(KDLoss):
     The align conv and G are built in ``setup`` (pass example_input= to kd.convert). 4-D features
     with equal spatial size. Float32 result.
     """
+
+    t2_scaling: ClassVar[T2Scaling] = "never"
 
     def __init__(self, alpha: float = 2e-5, lambda_mask: float = 0.65) -> None:
         super().__init__()

@@ -1,0 +1,311 @@
+"""The drain loop: `MlflowMirror(settings, session_factory).start()` runs a daemon thread that
+calls `drain_once()` every `interval` seconds; `.stop()` ends it. Rows are processed in id order
+by the writer of their kind (`backend.mlflow.writers`); the first error stops the round (that
+row's `attempts` and `last_error` are updated and it is retried next round, the thread backing
+off exponentially up to a minute). A row MLflow refuses as the request's fault is given up after
+`MAX_REJECTIONS` attempts. A round runs under a PostgreSQL advisory lock (SQLite: an flock next
+to the database), so two mirrors on one database take turns. See `backend.mlflow`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Engine, Table, delete, func, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from backend.db.models import MlflowOutbox, utcnow
+from backend.mlflow import format as fmt
+from backend.mlflow import hooks, model, writers
+from backend.mlflow.dedup import MetricDedup
+from backend.mlflow.rows import OutboxRow, Rejected
+from backend.mlflow.store import SKIP, RunStore
+from backend.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+
+log = logging.getLogger(__name__)
+
+OUTBOX = cast(Table, MlflowOutbox.__table__)
+
+MAX_REJECTIONS = 3
+PERMANENT_CODES = frozenset(
+    {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_DOES_NOT_EXIST"}
+)
+MAX_BACKOFF = 60.0
+PURGE_EVERY = 3600.0
+KEEP_DONE = timedelta(days=7)
+ERROR_CHARS = 4000
+ADVISORY_LOCK_KEY = 0x6B646C61624D4C46  # "kdlabMLF"
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "🏃 View run ..." on every terminate
+}
+DISABLED_URIS = frozenset({"none", "off", "disabled"})
+
+
+def _describe_error(err: BaseException) -> str:
+    return fmt.truncate(f"{type(err).__name__}: {err}", ERROR_CHARS, keep="tail")
+
+
+def _is_permanent(err: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code in PERMANENT_CODES
+    return isinstance(err, (Rejected, KeyError, ValueError, TypeError))
+
+
+class MlflowMirror:
+    """Drains the outbox into MLflow. `drain_once()` does one round; `start()`/`stop()` run
+    rounds on a daemon thread. One instance per process is enough; it is thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        *,
+        tracking_uri: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tracking_uri = tracking_uri or settings.resolved_mlflow_uri
+        self.factory = session_factory
+        self.store = RunStore(settings, session_factory, self.tracking_uri)
+        self.dedup = MetricDedup()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.failures = 0  # consecutive rounds that stopped on an error
+        self.last_error: str | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.store.client
+
+    def signature(self, config: dict[str, Any]) -> ModelSignature | None:
+        """The student model's signature for a run config (`backend.mlflow.model.signature`)."""
+        return model.signature(self.settings, config)
+
+    def _engine(self) -> Engine:
+        bind = self.factory.kw.get("bind")
+        if isinstance(bind, Engine):
+            return bind
+        with self.factory() as session:
+            engine = session.get_bind()
+            assert isinstance(engine, Engine)
+            return engine
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[bool]:
+        """True while this process may drain (PostgreSQL advisory lock, SQLite flock)."""
+        engine = self._engine()
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                got = bool(
+                    conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+                )
+                try:
+                    yield got
+                finally:
+                    if got:
+                        conn.scalar(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
+            return
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield True
+            return
+        if not database or database == ":memory:":
+            yield True
+            return
+        lock_path = (
+            Path(database).expanduser().with_name(Path(database).name + ".mlflow-mirror.lock")
+        )
+        with open(lock_path, "a+b") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ the loop
+
+    @property
+    def enabled(self) -> bool:
+        """False when the tracking URI is `none`/`off` (`KDLAB_MLFLOW_TRACKING_URI=none`)."""
+        return self.tracking_uri.strip().lower() not in DISABLED_URIS
+
+    def start(self, interval: float = 1.0) -> MlflowMirror:
+        """Drain on a daemon thread every `interval` seconds (sooner while rows are waiting,
+        later after errors). Installs the outbox hooks. Returns self. Does nothing (no hooks,
+        no thread, MLflow not imported) when the mirror is not `enabled`."""
+        if not self.enabled:
+            return self
+        hooks.install_outbox_hooks(self.factory)
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval,), name="kdlab-mlflow-mirror", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to stop and wait up to `timeout` s (an MLflow call in flight ends on
+        its own timeout; the thread is a daemon either way)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self, interval: float, limit: int = 100) -> None:
+        last_purge = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                done = self.drain_once(limit)
+            except Exception as err:  # our own database, most likely; try again later
+                log.warning("MLflow mirror: round failed: %s", _describe_error(err))
+                self.failures += 1
+                done = 0
+            if self.failures:
+                delay = min(MAX_BACKOFF, interval * 2 ** min(self.failures, 10))
+            else:
+                delay = 0.0 if done >= limit else interval
+            if time.monotonic() - last_purge > PURGE_EVERY:
+                last_purge = time.monotonic()
+                with contextlib.suppress(SQLAlchemyError):
+                    self.purge()
+            if delay:
+                self._stopping.wait(delay)
+
+    def purge(self, older_than: timedelta = KEEP_DONE) -> int:
+        """Delete rows done more than `older_than` ago; how many went."""
+        with self.factory() as session:
+            result = session.execute(
+                delete(OUTBOX).where(OUTBOX.c.done_at < utcnow() - older_than),
+                execution_options=SKIP,
+            )
+            session.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def pending(self) -> int:
+        """How many rows wait."""
+        with self.factory() as session:
+            count = session.scalar(
+                select(func.count()).select_from(OUTBOX).where(OUTBOX.c.done_at.is_(None))
+            )
+            session.rollback()
+            return int(count or 0)
+
+    def drain_once(self, limit: int = 100) -> int:
+        """Process up to `limit` pending rows in id order; how many were marked done. Stops at
+        the first error (that row keeps `attempts`/`last_error` and is retried next round)."""
+        if not self.enabled:
+            return 0
+        with self._lock, self._exclusive() as mine:
+            if not mine:
+                return 0
+            processed = 0
+            while processed < limit:
+                rows = self._pending_rows(min(limit - processed, 100))
+                if not rows:
+                    break
+                for row in rows:
+                    if not self._attempt(row):
+                        self.failures += 1
+                        return processed
+                    processed += 1
+            self.failures = 0
+            return processed
+
+    def _pending_rows(self, limit: int) -> list[OutboxRow]:
+        with self.factory() as session:
+            rows = session.execute(
+                select(
+                    OUTBOX.c.id,
+                    OUTBOX.c.run_id,
+                    OUTBOX.c.kind,
+                    OUTBOX.c.payload,
+                    OUTBOX.c.attempts,
+                )
+                .where(OUTBOX.c.done_at.is_(None))
+                .order_by(OUTBOX.c.id)
+                .limit(limit)
+            ).all()
+            session.rollback()
+        return [
+            OutboxRow(r.id, r.run_id, r.kind, dict(r.payload or {}), int(r.attempts or 0))
+            for r in rows
+        ]
+
+    def _attempt(self, row: OutboxRow) -> bool:
+        """Process one row; False if it failed and the round must stop."""
+        try:
+            summary = writers.write(self.store, self.dedup, row)
+        except Exception as err:
+            # whatever MLflow did before the error, the caches may now be wrong
+            self.dedup.clear()
+            self.store.clear()
+            message = _describe_error(err)
+            self.last_error = f"outbox row {row.id} ({row.kind}, run {row.run_id}): {message}"
+            give_up = _is_permanent(err) and row.attempts + 1 >= MAX_REJECTIONS
+            log.warning("MLflow mirror: %s%s", self.last_error, " (giving up)" if give_up else "")
+            self._record_failure(row, message, give_up)
+            return give_up
+        self._finish(row, summary)
+        return True
+
+    def _record_failure(self, row: OutboxRow, message: str, give_up: bool) -> None:
+        values: dict[str, Any] = {"attempts": OUTBOX.c.attempts + 1, "last_error": message}
+        if give_up:
+            values["last_error"] = fmt.truncate(
+                f"gave up after {row.attempts + 1} attempts: {message}", ERROR_CHARS, keep="tail"
+            )
+            values["done_at"] = utcnow()
+        with self.factory() as session:
+            session.execute(
+                update(OUTBOX).where(OUTBOX.c.id == row.id).values(**values),
+                execution_options=SKIP,
+            )
+            session.commit()
+
+    def _finish(self, row: OutboxRow, summary: dict[str, Any] | None) -> None:
+        values: dict[str, Any] = {"done_at": utcnow()}
+        if summary is not None:
+            values["payload"] = summary
+        with self.factory() as session:
+            session.execute(
+                update(OUTBOX)
+                .where(OUTBOX.c.id == row.id, OUTBOX.c.done_at.is_(None))
+                .values(**values),
+                execution_options=SKIP,
+            )
+            session.commit()
+
+
+__all__ = ["MlflowMirror"]
