@@ -92,6 +92,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from backend.db.models import Artifact, Metric, MlflowOutbox, Run, utcnow
 from backend.services import outbox
 from backend.settings import Settings
+from worker.names import STUDENT_FILE
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -124,7 +125,6 @@ KEEP_DONE = timedelta(days=7)
 ERROR_CHARS = 4000
 ADVISORY_LOCK_KEY = 0x6B646C61624D4C46  # "kdlabMLF"
 STUDENT_DIR = "student"
-STUDENT_FILE = "student.safetensors"
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",

@@ -22,8 +22,8 @@ from typing_extensions import Self
 
 from worker.catalog import CatalogEntry, DataBundle, DataInfo
 from worker.config import SEED_LIMIT, Params
+from worker.kd.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"})
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 # bounds of the generated / decoded data (a 422 at submit rather than an out-of-memory later)

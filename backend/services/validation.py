@@ -42,13 +42,13 @@ from backend.services.catalog import (
 )
 from backend.settings import Settings
 from worker import catalog
-from worker.checkpoint import BEST, LATEST
 from worker.config import DatasetSpec, DistillSpec, ModelSpec, RunConfig, TeacherSpec
 from worker.kd.adapters import NormalizationAdapter
 from worker.kd.losses import build_loss
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import Deadline, ProbeLimit, describe_output, display_name, resolve_layer
 from worker.kd.serialization import METADATA_KEY
+from worker.names import ACTIVE_STATUSES, BEST_FILE, LATEST_FILE
 
 Loc = list[str | int]
 
@@ -56,7 +56,7 @@ PATH_REFUSED = (
     "teacher.weights.path is only for `kdlab train` on the command line; upload the file with "
     "POST /api/uploads and use upload_id"
 )
-CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST, "latest": LATEST}
+CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}
 
 
 def data_root(settings: Settings) -> Path:
@@ -354,7 +354,7 @@ def _check_teacher_run(
     if run.status != "succeeded":
         advice = (
             "wait until it succeeds"
-            if run.status in ("queued", "starting", "running")
+            if run.status in ACTIVE_STATUSES
             else "only a run that succeeded can be a teacher"
         )
         errors.add(loc, f"teacher run {run_id} is {run.status}; {advice}")
