@@ -7,7 +7,6 @@ run for real on the CPU (see `probe_model`).
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossP
 from worker import catalog
 from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
 from worker.kd.loss_balancers import BALANCERS
-from worker.kd.losses import LOSSES
+from worker.kd.losses import LOSSES, KDLoss, loss_parameters
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import (
     OUTPUT,
@@ -76,11 +75,9 @@ def _items(group: catalog.Group, names: dict[str, str]) -> dict[str, CatalogItem
     return items
 
 
-def _loss_params(cls: type) -> list[LossParam]:
+def _loss_params(cls: type[KDLoss]) -> list[LossParam]:
     params = []
-    for p in inspect.signature(cls.__init__).parameters.values():  # type: ignore[misc]
-        if p.name == "self" or p.kind is not p.POSITIONAL_OR_KEYWORD:
-            continue
+    for p in loss_parameters(cls):
         if p.default is p.empty:
             params.append(LossParam(name=p.name, required=True))
         elif p.default is None or isinstance(p.default, (bool, int, float, str)):

@@ -150,16 +150,12 @@ def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
 def _loss_defaults(name: str) -> dict[str, Any]:
     """The loss class's keyword defaults (the effective values when a param is left out)."""
     try:
-        from worker.kd.losses import LOSSES
+        from worker.kd.losses import loss_parameters
 
-        signature = inspect.signature(LOSSES[name].__init__)
+        params = loss_parameters(name)
     except Exception:  # an unknown loss name (external runs) has no defaults
         return {}
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name != "self" and p.default is not inspect.Parameter.empty
-    }
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 def _loss_class(name: str) -> str:
