@@ -48,7 +48,7 @@ from worker.kd.losses import build_loss
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import Deadline, ProbeLimit, describe_output, display_name, resolve_layer
 from worker.kd.serialization import METADATA_KEY
-from worker.names import ACTIVE_STATUSES, BEST_FILE, LATEST_FILE
+from worker.names import ACTIVE_STATUSES, BEST_FILE, DATASETS_DIR, LATEST_FILE
 
 Loc = list[str | int]
 
@@ -61,7 +61,7 @@ CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE
 
 def data_root(settings: Settings) -> Path:
     """Where file-backed datasets (image_folder, text_file, cifar10) live on the server."""
-    return settings.data_path / "datasets"
+    return settings.data_path / DATASETS_DIR
 
 
 @dataclass
