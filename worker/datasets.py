@@ -21,8 +21,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from typing_extensions import Self
 
 from worker.catalog import CatalogEntry, DataBundle, DataInfo
-from worker.config import SEED_LIMIT, Params
+from worker.config import SEED_LIMIT
 from worker.kd.losses import IGNORE_INDEX
+from worker.params import Params
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"})
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
