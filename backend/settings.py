@@ -12,12 +12,15 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.db.engine import LOCK_TIMEOUT_SECONDS
+from worker.names import DEFAULT_DATA_DIR, WORK_DIR
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KDLAB_", extra="ignore")
 
-    data_dir: Path = Field(default=Path("~/.kdlab"), description="Runs, uploads and SQLite files.")
+    data_dir: Path = Field(
+        default=Path(DEFAULT_DATA_DIR), description="Runs, uploads and SQLite files."
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/kdlab.db"
     )
@@ -115,7 +118,7 @@ class Settings(BaseSettings):
     @property
     def work_dir(self) -> Path:
         """Scratch directories of local workers: `<work_dir>/<run>/`."""
-        return self.data_path / "work"
+        return self.data_path / WORK_DIR
 
     @property
     def uploads_dir(self) -> Path:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from worker.config import Params, unknown_name
+from worker.params import Params, unknown_name
 
 if TYPE_CHECKING:
     from worker.config import DatasetSpec, ModelSpec

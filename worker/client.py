@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import httpx
 
+from worker.names import RUN_FINISHED_DETAIL
+
 log = logging.getLogger("kdlab.worker.client")
 
 CHUNK = 1024 * 1024
@@ -48,10 +50,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.method = method
         self.url = url
-
-
-# the server's 401 detail for a run token revoked when its run finished (backend.services.auth)
-RUN_FINISHED_DETAIL = "this run's token was revoked when the run finished"
 
 
 class ApiClientError(ApiError):

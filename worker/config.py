@@ -5,16 +5,15 @@ sensible default. Unknown keys are errors everywhere (`extra="forbid"`) so a typ
 silently. Catalog names (datasets, models) and loss names are checked against the live registries,
 with close matches suggested.
 
-This module also holds the small validation helpers the catalog shares: `error_lines` (pydantic
-errors as `dotted.path: message` lines), `Params` (typed builder params) and `unknown_name`.
+It re-exports the small validation helpers the catalog shares (`error_lines`, `Params`,
+`unknown_name`); their home is the leaf module `worker.params`.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +21,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -31,6 +29,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import Self
+
+from worker.params import Params, error_lines, unknown_name
+from worker.params import StrictModel as _Strict
 
 __all__ = [
     "AdapterSpec",
@@ -58,27 +59,6 @@ __all__ = [
     "run_config_json_schema",
     "unknown_name",
 ]
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def error_lines(err: ValidationError, prefix: str = "") -> list[str]:
-    """One `dotted.json.path: message` line per error (the format of every config error)."""
-    lines = []
-    for e in err.errors(include_url=False):
-        path = ".".join(str(part) for part in (prefix, *e["loc"]) if part != "")
-        message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
-        lines.append(f"{path or '<root>'}: {message}")
-    return lines
-
-
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> str:
-    """`unknown model 'mpl'; did you mean 'mlp'? Available: ...` for a name not in `choices`."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    return f"unknown {kind} {name!r}{hint} Available: {', '.join(choices) or '(none)'}"
-
 
 # --------------------------------------------------------------------------- bounds
 
@@ -135,22 +115,6 @@ def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class Params(_Strict):
-    """Base for the typed params of a catalog entry, loss helper or balancer."""
-
-    @classmethod
-    def parse(cls, params: Mapping[str, Any] | None, owner: str) -> Self:
-        """Validate `params`; a bad one raises ValueError naming `owner` and each param."""
-        try:
-            return cls.model_validate(dict(params or {}))
-        except ValidationError as err:
-            raise ValueError(f"{owner}: " + "; ".join(error_lines(err, "params"))) from None
 
 
 def _params_field(what: str) -> Any:

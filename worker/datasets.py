@@ -21,9 +21,10 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from typing_extensions import Self
 
 from worker.catalog import CatalogEntry, DataBundle, DataInfo
-from worker.config import SEED_LIMIT, Params
+from worker.config import SEED_LIMIT
+from worker.kd.losses import IGNORE_INDEX
+from worker.params import Params
 
-IGNORE_INDEX = -100
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"})
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 # bounds of the generated / decoded data (a 422 at submit rather than an out-of-memory later)

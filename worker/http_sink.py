@@ -35,12 +35,13 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.client import ApiClient, ApiClientError
+from worker.names import METADATA_FILE
 from worker.spool import Point, Spool
 
 log = logging.getLogger("kdlab.worker.metrics")
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_./~-]{1,250}$")  # what the server accepts as a key
-METADATA_ARTIFACT = "metadata.json"
+METADATA_ARTIFACT = METADATA_FILE
 
 
 def _stderr(line: str) -> None:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
+from worker.names import METADATA_FILE
+
 
 @runtime_checkable
 class MetricSink(Protocol):
@@ -39,7 +41,7 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike, metadata_path: str | os.PathLike | None = None):
         self.path = Path(path)
         self.metadata_path = (
-            Path(metadata_path) if metadata_path else self.path.with_name("metadata.json")
+            Path(metadata_path) if metadata_path else self.path.with_name(METADATA_FILE)
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")

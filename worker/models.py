@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import Self
 
 from worker.catalog import CatalogEntry, DataInfo
-from worker.config import Params
+from worker.params import Params
 
 if TYPE_CHECKING:
     from transformers import GPT2Config

@@ -13,6 +13,16 @@ RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "starting", "running"})
 FINISHED_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
+# the data dir's layout, shared by the server (`Settings.data_dir`) and its workers
+# (`KDLAB_DATA_DIR`), so a local worker finds the files the server validated
+DEFAULT_DATA_DIR = "~/.kdlab"
+DATASETS_DIR = "datasets"  # file-backed datasets, the data root: <data dir>/datasets
+WORK_DIR = "work"  # local workers' scratch directories: <data dir>/work/<run id>
+
+# the server's 401 detail for a run token revoked when its run finished (backend.services.auth
+# sends it, worker.client recognises it)
+RUN_FINISHED_DETAIL = "this run's token was revoked when the run finished"
+
 # the files a run writes into its directory (and uploads as artifacts of the same names)
 STUDENT_FILE = "student.safetensors"  # the exported student, at the end
 BEST_FILE = "best.safetensors"  # the best evaluation's student so far

@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from worker.names import RunStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -65,7 +67,7 @@ class Run(Base):
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))  # distill | train | external
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[RunStatus] = mapped_column(String(16), default="queued")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)

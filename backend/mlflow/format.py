@@ -110,17 +110,11 @@ def _loss_class(name: str) -> type[Any] | None:
 def _loss_defaults(name: str) -> dict[str, Any]:
     """The loss class's keyword defaults (the effective values when a param is left out)."""
     cls = _loss_class(name)
-    try:
-        signature = inspect.signature(cls.__init__) if cls is not None else None
-    except Exception:
-        signature = None
-    if signature is None:  # an unknown loss name (external runs) has no defaults
+    if cls is None:  # an unknown loss name (external runs) has no defaults
         return {}
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.name != "self" and p.default is not inspect.Parameter.empty
-    }
+    from worker.kd.losses import loss_parameters
+
+    return {p.name: p.default for p in loss_parameters(cls) if p.default is not inspect.Parameter.empty}
 
 
 def _number(value: Any) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.settings import Settings
+from worker.names import STUDENT_FILE
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STUDENT_DIR = "student"
-STUDENT_FILE = "student.safetensors"
 
 
 def sha256_of(path: Path) -> str:

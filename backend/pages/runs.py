@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,12 +20,12 @@ from backend.pages.compare import demo_view
 from backend.pages.security import verify_csrf
 from backend.pages.streams import POLL_SECONDS, event_stream, linger
 from backend.pages.templating import render, templates
-from backend.schemas.runs import RunStatus
 from backend.services import live, run_views
 from backend.services import runs as service
 from backend.services.dispatch import DEMO_EXPERIMENT
 from backend.services.live import Subscription
 from backend.services.runs import sse_message
+from worker.names import RUN_STATUSES
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
@@ -39,7 +39,7 @@ SORT_CHOICES = [
     ("experiment", "Experiment"),
     ("kind", "Kind"),
 ]
-STATUSES: tuple[str, ...] = get_args(RunStatus)
+STATUSES: tuple[str, ...] = RUN_STATUSES
 
 
 def _filters_query(filters: dict[str, object], **changes: object) -> str:

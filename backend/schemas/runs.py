@@ -8,10 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.config import ExperimentName, JsonObject, RunName
+from worker.names import ACTIVE_STATUSES, FINISHED_STATUSES, RunStatus
 
-RunStatus = Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE: frozenset[str] = frozenset({"queued", "starting", "running"})
+# the service's names for the statuses, kept as aliases of their one home (worker/names.py)
+FINISHED = FINISHED_STATUSES
+ACTIVE = ACTIVE_STATUSES
 
 
 class RunOut(BaseModel):

@@ -27,11 +27,12 @@ from backend.schemas.runs import FINISHED
 from backend.services import storage
 from backend.services.auth import Principal
 from backend.settings import Settings
+from worker.names import STUDENT_FILE
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _NAME = re.compile(NAME_PATTERN)
 KINDS = ("student", "checkpoint", "log", "file")
-STUDENT_NAME = "student.safetensors"
+STUDENT_NAME = STUDENT_FILE
 STUDENT_FORMATS = ("safetensors", "pt")
 PT_METADATA_KEY = "kdlab_metadata"
 SAFETENSORS_METADATA_KEY = "kdlab"  # worker.kd.serialization.METADATA_KEY

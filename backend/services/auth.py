@@ -14,6 +14,7 @@ from backend.db.models import ApiToken, Run, utcnow
 from backend.errors import Forbidden, Unauthorized
 from backend.schemas.runs import FINISHED
 from backend.settings import Settings
+from worker.names import RUN_FINISHED_DETAIL
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def authenticate(session: Session, settings: Settings, header: str | None) -> Pr
     return Principal(row.scope, row.run_id)
 
 
-RUN_FINISHED = "this run's token was revoked when the run finished"  # worker/client.py knows it
+RUN_FINISHED = RUN_FINISHED_DETAIL  # worker.client recognises it; its one home is worker.names
 
 
 def _run_finished(session: Session, run_id: str | None) -> bool:

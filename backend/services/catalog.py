@@ -6,7 +6,6 @@ fake tensors, then one CPU forward); this module maps its answers to JSON and HT
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ from worker import catalog
 from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
 from worker.dry_run import PROBE_TIME_LIMIT_S, build_error, data_info, probe_model
 from worker.kd.loss_balancers import BALANCERS
-from worker.kd.losses import LOSSES
+from worker.kd.losses import LOSSES, KDLoss, loss_parameters
 from worker.kd.probe import Deadline
 
 Loc = list[str | int]
@@ -53,11 +52,9 @@ def _items(group: catalog.Group, names: dict[str, str]) -> dict[str, CatalogItem
     return items
 
 
-def _loss_params(cls: type) -> list[LossParam]:
+def _loss_params(cls: type[KDLoss]) -> list[LossParam]:
     params = []
-    for p in inspect.signature(cls.__init__).parameters.values():  # type: ignore[misc]
-        if p.name == "self" or p.kind is not p.POSITIONAL_OR_KEYWORD:
-            continue
+    for p in loss_parameters(cls):
         if p.default is p.empty:
             params.append(LossParam(name=p.name, required=True))
         elif p.default is None or isinstance(p.default, (bool, int, float, str)):

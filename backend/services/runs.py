@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
@@ -38,6 +38,7 @@ from backend.services.catalog import pydantic_errors
 from backend.services.validation import CheckedConfig, check_config
 from backend.settings import Settings
 from worker.loss_formula import describe_from_config, loss_formula
+from worker.names import RunStatus
 
 if TYPE_CHECKING:  # backend.services.live imports run_views, which imports this module
     from backend.services.live import LiveWatcher, Subscription
@@ -53,7 +54,7 @@ def run_out(run: Run) -> RunOut:
         name=run.name,
         experiment=run.experiment.name,
         kind=run.kind,  # type: ignore[arg-type]
-        status=run.status,  # type: ignore[arg-type]
+        status=run.status,
         attempt=run.attempt,
         config=run.config,
         error=run.error,
@@ -312,7 +313,7 @@ def set_status(session: Session, run: Run, new_status: str, error: str | None = 
     if new_status not in TRANSITIONS.get(old, frozenset()):
         raise Conflict(f"run {run.id} cannot go from {old} to {new_status}")
     now = utcnow()
-    run.status = new_status
+    run.status = cast(RunStatus, new_status)  # one of TRANSITIONS' keys, checked above
     if new_status == "running" and run.started_at is None:
         run.started_at = now
     if new_status == "queued":
@@ -353,7 +354,7 @@ def heartbeat(session: Session, run_id: str) -> HeartbeatOut:
     if run.status in FINISHED:
         raise Conflict(f"run {run_id} already {run.status}; stop working on it")
     run.heartbeat_at = utcnow()
-    answer = HeartbeatOut(cancel_requested=run.cancel_requested, status=run.status)  # type: ignore[arg-type]
+    answer = HeartbeatOut(cancel_requested=run.cancel_requested, status=run.status)
     session.commit()
     return answer
 

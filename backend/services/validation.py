@@ -32,7 +32,6 @@ from backend.schemas.runs import MemoryEstimate, PairReport
 from backend.services.catalog import pydantic_errors
 from backend.settings import Settings
 from worker import catalog
-from worker.checkpoint import BEST, LATEST
 from worker.config import DatasetSpec, RunConfig, TeacherSpec
 from worker.dry_run import (
     PROBE_BATCH,
@@ -48,6 +47,7 @@ from worker.dry_run import (
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import Deadline
 from worker.kd.serialization import header_shapes
+from worker.names import ACTIVE_STATUSES, BEST_FILE, DATASETS_DIR, LATEST_FILE
 
 Loc = list[str | int]
 
@@ -55,12 +55,12 @@ PATH_REFUSED = (
     "teacher.weights.path is only for `kdlab train` on the command line; upload the file with "
     "POST /api/uploads and use upload_id"
 )
-CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST, "latest": LATEST}
+CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}
 
 
 def data_root(settings: Settings) -> Path:
     """Where file-backed datasets (image_folder, text_file, cifar10) live on the server."""
-    return settings.data_path / "datasets"
+    return settings.data_path / DATASETS_DIR
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _check_teacher_run(
     if run.status != "succeeded":
         advice = (
             "wait until it succeeds"
-            if run.status in ("queued", "starting", "running")
+            if run.status in ACTIVE_STATUSES
             else "only a run that succeeded can be a teacher"
         )
         errors.add(loc, f"teacher run {run_id} is {run.status}; {advice}")

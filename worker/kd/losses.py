@@ -45,6 +45,7 @@ __all__ = [
     "MFTLoss",
     "MGDLoss",
     "build_loss",
+    "loss_parameters",
 ]
 
 
@@ -781,9 +782,17 @@ LOSSES: dict[str, type[KDLoss]] = {
 }
 
 
-def _parameter_names(cls: type[KDLoss]) -> list[str]:
+def loss_parameters(loss: str | type[KDLoss]) -> list[inspect.Parameter]:
+    """The params a loss takes (what `build_loss` accepts), in order: the keyword parameters of
+    its constructor, each with its default (`inspect.Parameter.empty` when it is required).
+    `loss` is a registered name (KeyError when unknown) or the class itself."""
+    cls = LOSSES[loss] if isinstance(loss, str) else loss
     params = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    return [p for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def _parameter_names(cls: type[KDLoss]) -> list[str]:
+    return [p.name for p in loss_parameters(cls)]
 
 
 def build_loss(name: str, params: dict[str, Any] | None = None) -> KDLoss:
