@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +28,31 @@ from torch import nn
 
 from worker import catalog, kd
 from worker.batches import BatchSource
-from worker.checkpoint import (
-    BEST,
-    LATEST,
-    capture_rng_state,
-    config_hash,
-    load_latest,
-    restore_rng_state,
-    save_latest,
-    seed_everything,
-)
+from worker.checkpoint import BEST, LATEST, config_hash, load_latest, save_latest, seed_everything
 from worker.config import RunConfig
+from worker.data_order import epoch_order
 from worker.devices import PeakMemory, resolve_device, synchronize
+from worker.ema import EMA
+from worker.evaluation import best_is_max, check_best_metric, evaluate
 from worker.kd.losses import IGNORE_INDEX
-from worker.loss_formula import loss_formula
 from worker.metrics import MetricSink
+from worker.names import STUDENT_FILE
 from worker.numerics import amp_dtype, cast_for_autocast, numerics
+from worker.optim import build_optimizer, clip_and_measure_grads, lr_factor, total_grad_norm
+from worker.run_metadata import loss_metadata
+from worker.student_export import check_export, save_student
 from worker.teacher_outputs import TeacherOutputs
+from worker.teacher_setup import (
+    attach_teacher,
+    build_teacher,
+    build_teacher_adapter,
+    check_teacher_accuracy,
+)
+from worker.teacher_timer import TeacherTimer
+from worker.train_guards import check_finite, check_labels
+from worker.training_state import capture_training_state, restore_training_state
 
-WEAK_TEACHER_FACTOR = 1.5  # a teacher below 1.5 × chance accuracy looks untrained
-EXPORT_TOLERANCE = 1e-6  # |exported − in-training| student accuracy allowed after export
-STUDENT_FILE = "student.safetensors"
+__all__ = ["STUDENT_FILE", "TrainResult", "Trainer", "build_optimizer", "total_grad_norm"]
 
 
 @dataclass
@@ -64,152 +67,6 @@ class TrainResult:
     best_path: Path | None = None
     latest_path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- small building blocks
-
-
-def build_optimizer(
-    params: list[nn.Parameter], spec: Any, device: torch.device | None = None
-) -> torch.optim.Optimizer:
-    """The optimizer of `spec`. On CUDA, Adam(W) is the fused kernel: one launch for every
-    parameter, and with a GradScaler it skips an overflowed step without a host sync."""
-    fused = True if device is not None and device.type == "cuda" else None  # None: torch's default
-    if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
-    if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
-    if spec.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-        )
-    raise ValueError(f"train.optimizer.name: unknown optimizer {spec.name!r}")
-
-
-def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together, on their device (no host sync). Written out
-    because `torch.nn.utils.get_total_norm` only exists from torch 2.6."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
-def lr_factor(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier at step s: linear warm-up to 1 over `warmup_steps`, then cosine/linear decay
-    to 0 at `total_steps` (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if name == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if name == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return factor
-
-
-class EMA:
-    """Exponential moving average of a model's state: floating entries averaged, others copied.
-
-    The decay warms up as min(decay, (1 + t) / (10 + t)) after t updates (TensorFlow's
-    `num_updates` rule), so short runs are not dominated by the random initialisation.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        live = model.state_dict()  # detached views of the parameters: in-place updates show
-        self.shadow = {k: v.detach().clone() for k, v in live.items()}
-        floating = {k for k, v in live.items() if v.is_floating_point()}
-        self._float_live = [live[k] for k in live if k in floating]
-        self._float_shadow = [self.shadow[k] for k in live if k in floating]
-        self._other = [(live[k], self.shadow[k]) for k in live if k not in floating]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if self._float_live:
-            torch._foreach_lerp_(self._float_shadow, self._float_live, 1.0 - decay)
-        for live, shadow in self._other:
-            shadow.copy_(live)
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """Within the block, `model` holds the averaged weights."""
-        backup = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.shadow)
-        try:
-            yield
-        finally:
-            model.load_state_dict(backup)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = int(state["updates"])
-        for key, value in state["shadow"].items():
-            self.shadow[key].copy_(value)
-
-
-class TeacherTimer:
-    """Time spent in the teacher's forward during training steps, without a sync per step:
-    CUDA events read back at logging time, or wall-clock on the CPU (synchronous anyway)."""
-
-    def __init__(self, teacher: nn.Module, device: torch.device):
-        self.active = False
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._seconds = 0.0
-        self._events: list[tuple[Any, Any]] = []
-        self._start: Any = None
-        teacher.register_forward_pre_hook(self._before)
-        teacher.register_forward_hook(self._after)
-
-    def _now(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))  # the teacher's device, not GPU 0
-        return event
-
-    def _before(self, *_: Any) -> None:
-        if self.active:
-            self._start = self._now()
-
-    def _after(self, *_: Any) -> None:
-        if self.active and self._start is not None:
-            end = self._now()
-            if self.cuda:
-                self._events.append((self._start, end))
-            else:
-                self._seconds += end - self._start
-            self._start = None
-
-    def pop_seconds(self) -> float:
-        """Teacher seconds since the last call (call after a sync: the events are complete)."""
-        seconds = self._seconds + sum(s.elapsed_time(e) / 1000.0 for s, e in self._events)
-        self._seconds, self._events = 0.0, []
-        return seconds
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch; depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=private_generator(seed + epoch)).tolist()
-
-
-def private_generator(seed: int) -> torch.Generator:
-    """A generator of its own, so the data order does not draw from the global RNG (which would
-    shift dropout etc. between an uninterrupted and a resumed run)."""
-    return torch.Generator().manual_seed(seed)
-
-
-def best_is_max(metric: str) -> bool:
-    return not ("loss" in metric or metric.endswith("/kl"))
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -327,7 +184,7 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self._check_best_metric()
+        check_best_metric(cfg.train.best_metric, self.distill)
         self._log_run_metadata()
         self.train_batches = BatchSource(self.data.train, cfg.train.batch_size, self.device)
         self.val_batches = BatchSource(self.data.val, cfg.train.batch_size, self.device)
@@ -336,13 +193,19 @@ class Trainer:
         student = catalog.build_model(cfg.student, info).to(self.device)
         resume = None
         if self.distill:
+            assert cfg.distill is not None
             self.teacher = self._build_teacher(info)
             self.teacher_fingerprint = kd.fingerprint(self.teacher)
-            self.teacher_adapter = self._build_teacher_adapter()  # the teacher check needs it
+            self.teacher_adapter = build_teacher_adapter(cfg.distill, self.device)  # for the check
             resume = self._load_resume()  # refuses another teacher before anything else
             if resume is None:
                 self._check_teacher()
-            self.model = self._convert(student, info)
+            # the optimizer is built afterwards, so the loss adapters train
+            self.dm = attach_teacher(
+                student, self.teacher, cfg.distill, self.teacher_adapter, info, self.device
+            )
+            self.timer = TeacherTimer(self.teacher, self.device)
+            self.model = self.dm
             dtype = amp_dtype(cfg.train.amp)
             if dtype is not None:  # after the fingerprint: that is of the weights as given
                 cast_for_autocast(self.teacher, dtype)
@@ -361,79 +224,23 @@ class Trainer:
         if cfg.train.ema_decay is not None:
             self.ema = EMA(self.model, cfg.train.ema_decay)
         if resume is not None:
-            self._restore(resume)
+            restore_training_state(self, resume)
         self._log_loss_metadata()
         self._interval_start = time.perf_counter()
         self.peak_memory.start()
 
-    def _check_best_metric(self) -> None:
-        available = ["eval/student_acc", "eval/student_loss"]
-        if self.distill:
-            available += ["eval/teacher_acc", "eval/agreement", "eval/kl"]
-        if self.config.train.best_metric not in available:
-            raise ValueError(
-                f"train.best_metric: {self.config.train.best_metric!r} is not an eval metric of "
-                f"this run; choose one of {available}"
-            )
-
     def _build_teacher(self, info: catalog.DataInfo) -> nn.Module:
         assert self.config.teacher is not None
-        teacher = catalog.build_model(self.config.teacher, info)
-        if self.teacher_state is not None:
-            try:
-                teacher.load_state_dict(self.teacher_state)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"the teacher weights do not fit teacher {self.config.teacher.name!r} with "
-                    f"params {self.config.teacher.params}: {err}"
-                ) from None
-        teacher.requires_grad_(False)
-        return teacher.to(self.device).eval()
+        return build_teacher(self.config.teacher, self.teacher_state, info, self.device)
 
     def _check_teacher(self) -> None:
         """Evaluate the teacher before step 0; refuse one at chance level (unless allowed)."""
         assert self.distill and self.config.distill is not None and self.data is not None
         acc = self._evaluate(student=None, teacher=self.teacher)["eval/teacher_acc"]
         self._log(0, {"eval/teacher_acc": acc})
-        num_classes = self.data.info.num_classes
-        chance = 1.0 / num_classes
-        if acc < WEAK_TEACHER_FACTOR * chance and not self.config.distill.allow_weak_teacher:
-            raise ValueError(
-                f"the teacher weights look untrained: eval/teacher_acc = {acc:.4f} on the val "
-                f"split, chance is {chance:.4f} (1/{num_classes} classes). Check teacher.weights "
-                "(run_id, checkpoint or path), or set distill.allow_weak_teacher: true to distil "
-                "from it anyway"
-            )
-
-    def _build_teacher_adapter(self) -> nn.Module | None:
-        spec = self.config.distill
-        assert spec is not None
-        if spec.teacher_input_adapter is None:
-            return None
-        params = {  # "normalization", the one kind there is
-            k: v if isinstance(v, list) else [v]
-            for k, v in spec.teacher_input_adapter.params.items()
-        }
-        return kd.NormalizationAdapter(**params).to(self.device)
-
-    def _convert(self, student: nn.Module, info: catalog.DataInfo) -> nn.Module:
-        """Attach teacher and losses; the optimizer is built afterwards so adapters train."""
-        spec = self.config.distill
-        assert spec is not None and self.teacher is not None
-        criterion = {
-            (p.student_layer, p.teacher_layer): kd.losses.build_loss(p.loss.name, p.loss.params)
-            for p in spec.pairs
-        }
-        self.dm = kd.convert(
-            student,
-            teacher=self.teacher,
-            criterion=criterion,
-            balancer=kd.build_balancer(spec.balancer.name, spec.balancer.params),
-            teacher_input_adapter=self.teacher_adapter,
-            example_input=catalog.example_input(info).to(self.device),
+        check_teacher_accuracy(
+            acc, self.data.info.num_classes, self.config.distill.allow_weak_teacher
         )
-        self.timer = TeacherTimer(self.teacher, self.device)
-        return self.dm
 
     def _log_run_metadata(self) -> None:
         cfg = self.config
@@ -449,21 +256,9 @@ class Trainer:
 
     def _log_loss_metadata(self) -> None:
         """Record what this run optimises: the exact loss formula, sizes, fingerprints."""
-        cfg = self.config
-        meta: dict[str, Any] = {
-            "student_params": sum(
-                p.numel()
-                for name, p in self.model.named_parameters()
-                if not name.startswith(kd.DistillationModel.KD_PREFIX)
-            ),
-        }
-        if self.dm is None:
-            meta["loss"] = loss_formula(cfg, None)
-        else:
-            assert self.teacher is not None
-            meta["loss"] = loss_formula(cfg, self.dm.describe_kd_loss())
-            meta["teacher_fingerprint"] = self.teacher_fingerprint
-            meta["teacher_params"] = sum(p.numel() for p in self.teacher.parameters())
+        meta = loss_metadata(
+            self.config, self.model, self.dm, self.teacher, self.teacher_fingerprint
+        )
         self.sink.log_metadata(meta)
         self.metadata.update(meta)
 
@@ -476,7 +271,7 @@ class Trainer:
         for batch in self.train_batches.batches(order, start=self.batch_index):
             if self.global_step >= self.total_steps:
                 break
-            self._check_labels(batch.labelled)
+            check_labels(batch.labelled, self.batch_index, self.epoch, self.global_step + 1)
             self._step(batch.x, batch.y)
             self.batch_index += 1
             if self.global_step % self.config.train.log_every == 0:
@@ -487,16 +282,6 @@ class Trainer:
             if self.should_stop is not None and self.should_stop(self.global_step):
                 return True
         return False
-
-    def _check_labels(self, labelled: bool) -> None:
-        """Refuse a batch without a single label (`BatchSource` checked it on the host)."""
-        if not labelled:
-            raise ValueError(
-                f"batch {self.batch_index} of epoch {self.epoch} (step {self.global_step + 1}) has "
-                f"no labelled samples or tokens: every label is {IGNORE_INDEX} (ignored), so the "
-                "student loss is undefined. Check the dataset's labels, or use longer sequences / "
-                "larger batches"
-            )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         amp = self.config.train.amp
@@ -540,19 +325,13 @@ class Trainer:
 
     def _clip_and_measure_grads(self) -> None:
         """Clip every step when `grad_clip` is set; measure the norm on logging steps only."""
-        clip = self.config.train.grad_clip
         next_step = self.global_step + 1
         logging = next_step % self.config.train.log_every == 0 or next_step == self.total_steps
-        if clip is None and not logging:
-            return
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            norm = total_grad_norm([p.grad for p in params if p.grad is not None])
-        if logging:
-            self._grad_norm = norm.detach()
+        norm = clip_and_measure_grads(
+            self.optimizer, self.scaler, self.config.train.grad_clip, logging
+        )
+        if norm is not None:
+            self._grad_norm = norm
 
     def _accumulate(self, loss: torch.Tensor, student_loss: torch.Tensor | None) -> None:
         """Add this step's terms to the interval sums (device tensors: no sync)."""
@@ -582,7 +361,8 @@ class Trainer:
         elapsed = time.perf_counter() - self._interval_start
         grad_norm = values.pop() if self._grad_norm is not None else None
         metrics = {k: v / self._acc_steps for k, v in zip(keys, values, strict=True)}
-        self._check_finite(metrics)  # grad_norm is exempt: fp16 overflows are skipped
+        # grad_norm is exempt: fp16 overflows are skipped
+        check_finite(metrics, self.global_step, self._acc_steps, self.config.train.amp)
         metrics["train/lr"] = self._lr
         if grad_norm is not None:
             metrics["train/grad_norm"] = grad_norm
@@ -594,23 +374,6 @@ class Trainer:
         self._log(self.global_step, metrics)
         self._acc, self._acc_steps, self._grad_norm = {}, 0, None
         self._interval_start = time.perf_counter()
-
-    def _check_finite(self, metrics: dict[str, float]) -> None:
-        """Name the first non-finite term, KD terms first (a NaN there spreads to the totals)."""
-        for key in sorted(metrics, key=lambda k: not k.startswith("train/kd/")):
-            value = metrics[key]
-            if math.isfinite(value):
-                continue
-            kind = "NaN" if math.isnan(value) else "Inf"
-            amp_hint = (
-                ", or use amp 'bf16' instead of 'fp16'" if self.config.train.amp == "fp16" else ""
-            )
-            raise ValueError(
-                f"{kind} in {key} at step {self.global_step} (the mean of the "
-                f"{self._acc_steps} steps since the last log); "
-                "lower the learning rate, clip gradients (train.grad_clip), or check the data and "
-                f"the teacher{amp_hint}"
-            )
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         self.last_metrics.update(metrics)
@@ -643,68 +406,15 @@ class Trainer:
             self._save_best_if_improved(metrics)
         self._log(self.global_step, metrics)
 
-    @torch.no_grad()
     def _evaluate(self, student: nn.Module | None, teacher: nn.Module | None) -> dict[str, float]:
-        """Accuracy (top-1 over labels != -100: samples, or tokens for LMs) and loss of the
-        student; with a teacher also its accuracy, top-1 agreement and KL(teacher‖student) at
-        T=1 (summed over classes, mean over labelled positions)."""
+        """The `eval/*` metrics of `student` and/or `teacher`; see `worker.evaluation`."""
         assert self.val_batches is not None
-        was_training = student.training if student is not None else False
-        if student is not None:
-            student.eval()
-        sums: dict[str, torch.Tensor] = {}
-
-        def add(key: str, value: torch.Tensor) -> None:
-            sums[key] = sums[key] + value if key in sums else value
-
-        for index, batch in enumerate(self.val_batches.batches()):
-            x, y = batch.x, batch.y.flatten()
-            labelled = y != IGNORE_INDEX
-            add("count", labelled.sum())
-            s_logits = t_logits = None
-            with self._autocast():
-                if student is not None:
-                    s_logits = self._student_forward(student, x).float().flatten(0, -2)
-                if teacher is not None:
-                    t_out = self.teacher_outputs.get(index, partial(self._teacher_forward, x))
-                    t_logits = t_out.float().flatten(0, -2)
-            if s_logits is not None:
-                ce = F.cross_entropy(s_logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
-                add("student_loss", ce)
-                add("student_acc", ((s_logits.argmax(-1) == y) & labelled).sum())
-            if t_logits is not None:
-                add("teacher_acc", ((t_logits.argmax(-1) == y) & labelled).sum())
-            if s_logits is not None and t_logits is not None:
-                agree = s_logits.argmax(-1) == t_logits.argmax(-1)
-                add("agreement", (agree & labelled).sum())
-                kl = F.kl_div(
-                    F.log_softmax(s_logits, -1),
-                    F.log_softmax(t_logits, -1),
-                    log_target=True,
-                    reduction="none",
-                ).sum(-1)
-                add("kl", (kl * labelled).sum())
-        if teacher is not None:
-            self.teacher_outputs.end_pass()
-        if student is not None and was_training:
-            student.train()
-        keys = list(sums)
-        values = torch.stack([sums[k].double() for k in keys]).tolist() if keys else []
-        totals = dict(zip(keys, values, strict=True))  # one host read for the whole split
-        count = totals.pop("count", 0.0)
-        if count == 0:
-            raise ValueError("the val split has no labelled samples or tokens (all labels -100)")
-        return {f"eval/{k}": v / count for k, v in totals.items()}
+        forward = self._teacher_forward if teacher is not None else None
+        return evaluate(self.val_batches, student, forward, self.teacher_outputs, self._autocast)
 
     def _teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None
         return self.teacher(self.teacher_adapter(x) if self.teacher_adapter is not None else x)
-
-    def _student_forward(self, student: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(student, kd.DistillationModel):
-            with student.only_student_forward():
-                return student(x)
-        return student(x)
 
     def _save_best_if_improved(self, metrics: dict[str, float]) -> None:
         name = self.config.train.best_metric
@@ -725,52 +435,12 @@ class Trainer:
     # ---------------------------------------------------------------------------- checkpoints
     def _save_latest(self) -> Path:
         with self._off_the_clock():
-            return save_latest(self.out_dir / LATEST, self._training_state())
-
-    def _training_state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": capture_rng_state(),
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "config_hash": self.config_hash,
-            "teacher_fingerprint": self.teacher_fingerprint,
-            "best_value": self.best_value,
-            "final_student_acc": self.final_student_acc,
-            "eval_step": self.eval_step,
-            "interval": {k: float(v) for k, v in self._acc.items()},
-            "interval_steps": self._acc_steps,
-            "lr": self._lr,
-        }
+            return save_latest(self.out_dir / LATEST, capture_training_state(self))
 
     def _load_resume(self) -> dict[str, Any] | None:
         if self.resume_from is None:
             return None
         return load_latest(self.resume_from, self.teacher_fingerprint, self.config_hash)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.batch_index = state["batch_index"]
-        self.best_value = state["best_value"]
-        self.final_student_acc = state["final_student_acc"]
-        self.eval_step = state["eval_step"]
-        self._acc = {k: torch.tensor(v, device=self.device) for k, v in state["interval"].items()}
-        self._acc_steps = state["interval_steps"]
-        self._lr = state["lr"]
-        restore_rng_state(state["rng"])
 
     def _stop(self) -> TrainResult:
         latest = self._save_latest()
@@ -792,28 +462,18 @@ class Trainer:
             self.model.load_state_dict(self.ema.shadow)
         in_training = self.final_student_acc
         assert in_training is not None and self.eval_step == self.global_step
-        kd_meta = self.metadata.get("loss", {})
-        student = kd.export(self.dm) if self.dm is not None else self.model
         student_path = self.out_dir / STUDENT_FILE
-        kd.save(
-            student,
-            student_path,
-            metadata={
-                "run": self.config.name,
-                "step": self.global_step,
-                "config_hash": self.config_hash,
-                "loss": kd_meta,
-                "teacher_fingerprint": self.teacher_fingerprint,
-            },
-        )
+        meta = {
+            "run": self.config.name,
+            "step": self.global_step,
+            "config_hash": self.config_hash,
+            "loss": self.metadata.get("loss", {}),
+            "teacher_fingerprint": self.teacher_fingerprint,
+        }
+        save_student(self.model, student_path, meta)
         exported = self._evaluate_saved_student(student_path)
         self._log(self.global_step, {"eval/exported_student_acc": exported})
-        if abs(exported - in_training) > EXPORT_TOLERANCE:
-            raise RuntimeError(
-                f"the exported student evaluates to accuracy {exported:.6f} but the student "
-                f"reached {in_training:.6f} in training (same weights); export lost or changed "
-                f"weights: {student_path}"
-            )
+        check_export(exported, in_training, student_path)
         best = self.out_dir / BEST
         return TrainResult(
             metrics=dict(self.last_metrics),
