@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker import catalog, kd
-from worker.config import DistillSpec, ModelSpec
+from worker import catalog, dry_run, kd
+from worker.config import DatasetSpec, DistillSpec, ModelSpec
 
 WEAK_TEACHER_FACTOR = 1.5  # a teacher below 1.5 × chance accuracy looks untrained
 
@@ -32,13 +32,13 @@ def build_teacher(
     return teacher.to(device).eval()
 
 
-def build_teacher_adapter(spec: DistillSpec, device: torch.device) -> nn.Module | None:
-    if spec.teacher_input_adapter is None:
-        return None
-    params = {  # "normalization", the one kind there is
-        k: v if isinstance(v, list) else [v] for k, v in spec.teacher_input_adapter.params.items()
-    }
-    return kd.NormalizationAdapter(**params).to(device)
+def build_teacher_adapter(
+    spec: DistillSpec, dataset: DatasetSpec, info: catalog.DataInfo, device: torch.device
+) -> nn.Module | None:
+    """The teacher input adapter, built and checked as the dry run does (one code path: the
+    same ConfigError naming `distill.teacher_input_adapter`), on `device`."""
+    adapter = dry_run.build_teacher_adapter(spec, dataset, info)
+    return adapter.to(device) if adapter is not None else None
 
 
 def check_teacher_accuracy(acc: float, num_classes: int, allow_weak: bool) -> None:

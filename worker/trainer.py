@@ -196,7 +196,9 @@ class Trainer:
             assert cfg.distill is not None
             self.teacher = self._build_teacher(info)
             self.teacher_fingerprint = kd.fingerprint(self.teacher)
-            self.teacher_adapter = build_teacher_adapter(cfg.distill, self.device)  # for the check
+            self.teacher_adapter = build_teacher_adapter(
+                cfg.distill, cfg.dataset, info, self.device
+            )  # for the check
             resume = self._load_resume()  # refuses another teacher before anything else
             if resume is None:
                 self._check_teacher()

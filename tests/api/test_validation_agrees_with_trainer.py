@@ -45,6 +45,7 @@ def _lm_kd(pair: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+LM_LOGITS_KD = _lm_kd({"student_layer": "", "teacher_layer": "", "loss": {"name": "logits_kl"}})
 ADAPTER_1CH = {"params": {"mean_from": 0.5, "std_from": 0.2, "mean_to": 0.4, "std_to": 0.3}}
 
 # (id, config, None = accepted | (loc, words both messages contain))
@@ -91,6 +92,13 @@ CASES: list[tuple[str, dict[str, Any], tuple[list[Any], list[str]] | None]] = [
         (["dataset", "params", "as_imag"], ["Extra inputs are not permitted"]),
     ),
     (
+        "adapter_on_token_ids",
+        config(
+            LM_LOGITS_KD, distill={**LM_LOGITS_KD["distill"], "teacher_input_adapter": ADAPTER_1CH}
+        ),
+        (["distill", "teacher_input_adapter"], ["token ids"]),
+    ),
+    (
         "non_tensor_layer_output",
         _lm_kd(
             {
@@ -117,8 +125,8 @@ def _trainer_refusal(cfg: dict[str, Any], out: Path) -> tuple[list[Any] | None, 
     sink = JsonlSink(out / "metrics.jsonl")
     try:
         Trainer(run_config, out, sink, None, "cpu").fit()
-    except (ValueError, TypeError) as err:
-        return None, str(err)
+    except (ValueError, TypeError) as err:  # a dry-run ConfigError carries the field's path
+        return getattr(err, "loc", None), str(err)
     finally:
         sink.close()
     return None
@@ -142,8 +150,8 @@ def test_validate_and_the_trainer_agree(client, tmp_path, cfg, expected):
     assert error["loc"][: 1 + len(loc)] == ["body", *loc], error
     assert refusal is not None, "the trainer accepted a config the API refused"
     trainer_loc, trainer_msg = refusal
-    if trainer_loc is not None:  # refused by the schema: the very same path
-        assert trainer_loc == error["loc"][1:], (trainer_loc, error)
+    if trainer_loc is not None:  # refused by the schema or the dry run: the very same path
+        assert list(trainer_loc) == error["loc"][1 : 1 + len(trainer_loc)], (trainer_loc, error)
     for word in words:
         assert word in error["msg"], (word, error["msg"])
         assert word in trainer_msg, (word, trainer_msg)
