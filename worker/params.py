@@ -1,6 +1,6 @@
 """The small validation helpers the run config and the catalog share: `error_lines` (pydantic
 errors as `dotted.path: message` lines), `StrictModel`, `Params` (typed builder params) and
-`unknown_name`.
+`unknown_name`, and `JsonObject` (free-form params, checked: finite, 64-bit, bounded nesting).
 
 A leaf module (it imports nothing of the project): `worker.catalog` imports it, and so does
 `worker.config`, which re-exports these names, so neither needs the other at import time.
@@ -9,13 +9,28 @@ A leaf module (it imports nothing of the project): `worker.catalog` imports it, 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import Self
 
-__all__ = ["Params", "StrictModel", "error_lines", "unknown_name"]
+__all__ = [
+    "MAX_PARAMS_DEPTH",
+    "MAX_PARAMS_INT",
+    "JsonObject",
+    "Params",
+    "StrictModel",
+    "check_json_object",
+    "error_lines",
+    "params_field",
+    "unknown_name",
+]
+
+MAX_PARAMS_DEPTH = 32  # nesting of lists/objects in free-form params
+MAX_PARAMS_INT = 2**63  # integers in free-form params fit a signed 64-bit integer
 
 
 def error_lines(err: ValidationError, prefix: str = "") -> list[str]:
@@ -52,3 +67,53 @@ class Params(StrictModel):
             return cls.model_validate(dict(params or {}))
         except ValidationError as err:
             raise ValueError(f"{owner}: " + "; ".join(error_lines(err, "params"))) from None
+
+
+def _json_errors(value: Any, loc: tuple[str | int, ...], depth: int) -> Iterable[InitErrorDetails]:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield InitErrorDetails(type="finite_number", loc=loc, input=value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -MAX_PARAMS_INT <= value < MAX_PARAMS_INT:
+            yield InitErrorDetails(
+                type=PydanticCustomError(
+                    "int_too_large", "integers must be within ±2**63 (a signed 64-bit integer)"
+                ),
+                loc=loc,
+                input=value,
+            )
+    elif isinstance(value, (dict, list)):
+        if depth > MAX_PARAMS_DEPTH:
+            yield InitErrorDetails(
+                type=PydanticCustomError(
+                    "too_deep",
+                    "nested more than {limit} levels deep",
+                    {"limit": MAX_PARAMS_DEPTH},
+                ),
+                loc=loc,
+                input="...",
+            )
+            return
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            yield from _json_errors(item, (*loc, key), depth + 1)
+
+
+def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """Free-form params: every number finite and within 64 bits, at most MAX_PARAMS_DEPTH
+    levels of nesting; a ValidationError naming the path of each bad value otherwise."""
+    errors = list(_json_errors(value, (), 1))
+    if errors:
+        raise ValidationError.from_exception_data("params", errors)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+
+
+def params_field(what: str) -> Any:
+    return Field(
+        default={},
+        validate_default=True,
+        description=f"Keyword parameters of the {what} (see its catalog entry).",
+    )
