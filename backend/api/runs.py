@@ -30,6 +30,7 @@ from backend.schemas.runs import (
     ValidationReport,
 )
 from backend.services import live
+from backend.services import run_events as events
 from backend.services import runs as service
 
 # a JSON body nested too deep is a 422 before FastAPI parses it (see backend.json_depth)
@@ -209,7 +210,7 @@ async def run_events(
     `KDLAB_MAX_STREAMS_PER_TOKEN` streams per token at once (429 beyond). The stream holds no
     thread: it runs on the event loop, woken by the app's live watcher."""
     await run_in_threadpool(_may_follow, request, run_id)
-    stream = service.event_stream(
+    stream = events.event_stream(
         request.app.state.read_session_factory,
         run_id,
         live.watcher_of(request.app),

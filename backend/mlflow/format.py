@@ -114,7 +114,9 @@ def _loss_defaults(name: str) -> dict[str, Any]:
         return {}
     from worker.kd.losses import loss_parameters
 
-    return {p.name: p.default for p in loss_parameters(cls) if p.default is not inspect.Parameter.empty}
+    return {
+        p.name: p.default for p in loss_parameters(cls) if p.default is not inspect.Parameter.empty
+    }
 
 
 def _number(value: Any) -> str:

@@ -26,7 +26,7 @@ from backend.services import run_views
 from backend.services import runs as service
 from backend.services.auth import ADMIN
 from backend.services.live import SUCCEEDED, Subscription, watcher_of
-from backend.services.runs import sse_message
+from backend.services.run_events import sse_message
 from worker.kd.distillation_model import pair_key
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)

@@ -24,7 +24,7 @@ from backend.services import live, run_views
 from backend.services import runs as service
 from backend.services.dispatch import DEMO_EXPERIMENT
 from backend.services.live import Subscription
-from backend.services.runs import sse_message
+from backend.services.run_events import sse_message
 from worker.names import RUN_STATUSES
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)

@@ -1,4 +1,5 @@
-"""Runs: create (validated or external), list, read, cancel, clone, delete, logs, live events.
+"""Runs: create (validated or external), list, read, cancel, clone, delete, logs (live events:
+`backend.services.run_events`).
 
 Every function takes the request's session and commits what it changes; none holds a database
 transaction open while models are probed (see `backend.services.validation`).
@@ -6,18 +7,12 @@ transaction open while models are probed (see `backend.services.validation`).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
-import anyio
-import anyio.to_thread
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from backend.db.models import Experiment, Run, RunEvent, utcnow
 from backend.errors import Conflict, Invalid, NotFound
@@ -41,7 +36,7 @@ from worker.loss_formula import describe_from_config, loss_formula
 from worker.names import RunStatus
 
 if TYPE_CHECKING:  # backend.services.live imports run_views, which imports this module
-    from backend.services.live import LiveWatcher, Subscription
+    pass
 
 LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000
@@ -392,121 +387,3 @@ def append_logs(session: Session, run_id: str, body: LogAppend) -> int:
         _event(session, run_id, body.kind, line[:MAX_LINE_CHARS])
     session.commit()
     return len(body.lines)
-
-
-# --------------------------------------------------------------------------- server-sent events
-
-
-def sse_message(event: str, data: str, event_id: int | None = None) -> str:
-    """One server-sent event (a multi-line `data` becomes several `data:` lines)."""
-    lines = [f"id: {event_id}"] if event_id is not None else []
-    lines.append(f"event: {event}")
-    lines += [f"data: {part}" for part in data.split("\n")]
-    return "\n".join(lines) + "\n\n"
-
-
-def _status_key(run: RunOut) -> tuple[Any, ...]:
-    return (
-        run.status,
-        run.attempt,
-        run.error,
-        run.cancel_requested,
-        run.started_at,
-        run.finished_at,
-        run.mlflow_run_id,
-    )
-
-
-def _read_events(
-    factory: sessionmaker[Session],
-    subscription: Subscription | None,
-    run_id: str,
-    after_id: int | None,
-    initial_tail: int,
-) -> tuple[RunOut | None, list[tuple[int, str]], dict[str, Any]]:
-    """One short session: the run's signal (first: see `backend.services.live`), its view, and
-    its log lines (the last `initial_tail`, or up to 1000 after `after_id`)."""
-    with factory() as session:
-        signals = subscription.read(session, [run_id]) if subscription is not None else {}
-        run = session.get(Run, run_id)
-        if run is None:
-            session.rollback()
-            return None, [], signals
-        view = run_out(run)
-        query = select(RunEvent.id, RunEvent.message).where(
-            RunEvent.run_id == run_id, RunEvent.kind.in_(LOG_KINDS)
-        )
-        if after_id is None:
-            rows = list(
-                reversed(
-                    session.execute(query.order_by(RunEvent.id.desc()).limit(initial_tail)).all()
-                )
-            )
-        else:
-            rows = list(
-                session.execute(
-                    query.where(RunEvent.id > after_id).order_by(RunEvent.id).limit(1000)
-                ).all()
-            )
-        session.rollback()
-    return view, [(event_id, message) for event_id, message in rows], signals
-
-
-async def event_stream(
-    factory: sessionmaker[Session],
-    run_id: str,
-    watcher: LiveWatcher,
-    *,
-    once: bool = False,
-    after_id: int | None = None,
-    initial_tail: int = 200,
-    keepalive_seconds: float = 15.0,
-) -> AsyncIterator[str]:
-    """Server-sent events for one run.
-
-    `event: status` (data: the run JSON) first and whenever the run's state changes;
-    `event: log` (id: the event id, data: the line) for each log/error line, starting with
-    the last `initial_tail` (or everything after `after_id`, a Last-Event-ID); `event: end`
-    once the run is finished, then the stream closes. `once` sends the current state and
-    closes. The stream runs on the event loop and holds no thread: `watcher` wakes it when the
-    run changes, and each read is one short session in a worker thread; `: keep-alive`
-    comments go out after `keepalive_seconds` of silence.
-    """
-    with contextlib.ExitStack() as stack:
-        subscription = (
-            None if once else stack.enter_context(watcher.subscribe([run_id], events_only=True))
-        )
-        last_key: tuple[Any, ...] | None = None
-        last_sent = time.monotonic()
-        while True:
-            view, rows, signals = await anyio.to_thread.run_sync(
-                _read_events, factory, subscription, run_id, after_id, initial_tail
-            )
-            if subscription is not None:
-                subscription.saw(signals)
-            if view is None:
-                yield sse_message("end", json.dumps({"detail": f"run {run_id!r} not found"}))
-                return
-            chunks = []
-            if _status_key(view) != last_key:
-                last_key = _status_key(view)
-                chunks.append(sse_message("status", view.model_dump_json()))
-            for event_id, message in rows:
-                chunks.append(sse_message("log", message, event_id))
-            backlog = after_id is not None and len(rows) == 1000  # more lines are waiting
-            after_id = rows[-1][0] if rows else (after_id or 0)
-            finished = view.status in FINISHED and not backlog
-            if finished:
-                chunks.append(sse_message("end", json.dumps({"status": view.status})))
-            if chunks:
-                last_sent = time.monotonic()
-                yield "".join(chunks)
-            if finished or subscription is None:
-                return
-            if backlog:
-                continue
-            while not await subscription.wait(
-                max(0.0, keepalive_seconds - (time.monotonic() - last_sent))
-            ):
-                last_sent = time.monotonic()
-                yield ": keep-alive\n\n"

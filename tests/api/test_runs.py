@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent
 from backend.services.live import LiveWatcher
-from backend.services.runs import event_stream
+from backend.services.run_events import event_stream
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
 
 RUN_FIELDS = {
