@@ -1,5 +1,6 @@
 """No import cycle among the project's modules: the imports of `worker` and `backend` form a
-DAG, counting imports inside functions too (issue 10: config ↔ catalog was one)."""
+DAG, counting imports inside functions too (config ↔ catalog was one). Which package may import
+which is import-linter's job (`lint-imports`, contracts in pyproject.toml)."""
 
 from __future__ import annotations
 

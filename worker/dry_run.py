@@ -11,7 +11,8 @@ the code path the trainer itself runs:
   the trainer builds) and tried on a zero batch;
 - each pair's layers (`resolve_layer`), the outputs its loss receives (`kd_loss_inputs`, the
   rule DistillationModel applies) and the loss's `setup` on the probed shapes;
-- teacher weights against the teacher (`shape_mismatch` over `kd.serialization.header_shapes`).
+- teacher weights against the teacher (`shape_mismatch` over `kd.serialization.header_shapes`);
+- the loss formula the run would optimise (`loss_formula_text`, what the trainer records).
 
 Answers are `Problem`s: a location in the config (`("distill", "pairs", 0, "loss")`) and a
 message. The backend only maps them to JSON paths and HTTP errors.
@@ -44,6 +45,7 @@ from worker.kd.probe import (
     probe_outputs,
     resolve_layer,
 )
+from worker.loss_formula import describe_from_config, loss_formula
 
 PROBE_BATCH = 2
 CPU_PROBE_MAX_PARAMS = 50_000_000  # larger models are probed uninitialised (see probe_model)
@@ -423,3 +425,10 @@ def dry_run(config: RunConfig, data_root: Path | None, deadline: Deadline | None
         result.pairs, pair_problems = check_pairs(config.distill, result.student, result.teacher)
         problems += pair_problems
     return result
+
+
+def loss_formula_text(config: RunConfig, pair_formulas: list[str]) -> str:
+    """The loss formula a run of `config` optimises (the trainer records the same one), from
+    the formula of each pair's loss (`CheckedPair.formula`)."""
+    described = describe_from_config(config, pair_formulas) if config.kind == "distill" else None
+    return str(loss_formula(config, described)["formula"])

@@ -32,7 +32,7 @@ from backend.services.auth import create_token, revoke_run_tokens
 from backend.services.catalog import pydantic_errors
 from backend.services.validation import CheckedConfig, check_config
 from backend.settings import Settings
-from worker.loss_formula import describe_from_config, loss_formula
+from worker.dry_run import loss_formula_text
 from worker.names import RunStatus
 
 if TYPE_CHECKING:  # backend.services.live imports run_views, which imports this module
@@ -103,16 +103,11 @@ def validate(session: Session, settings: Settings, data: Any) -> ValidationRepor
     checked = check_config(session, settings, data)
     session.rollback()
     config = checked.config
-    described = (
-        describe_from_config(config, [p.formula for p in checked.pairs])
-        if config.kind == "distill"
-        else None
-    )
     return ValidationReport(
         config=config.model_dump(mode="json"),
         pairs=checked.pairs,
         memory=checked.memory,
-        loss_formula=loss_formula(config, described)["formula"],
+        loss_formula=loss_formula_text(config, [p.formula for p in checked.pairs]),
     )
 
 
