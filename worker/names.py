@@ -29,3 +29,6 @@ BEST_FILE = "best.safetensors"  # the best evaluation's student so far
 LATEST_FILE = "latest.pt"  # the exact-resume training state
 METRICS_FILE = "metrics.jsonl"  # every metric point, one JSON line each
 METADATA_FILE = "metadata.json"  # run metadata: config hash, loss formula, fingerprints
+
+# the run artifact a `teacher.weights.checkpoint` names (a run's weights on the server)
+CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from worker import catalog, kd
-from worker.checkpoint import BEST, LATEST
 from worker.client import ApiClient, ApiClientError
 from worker.config import RunConfig
-from worker.names import STUDENT_FILE
+from worker.names import BEST_FILE, CHECKPOINT_ARTIFACTS, LATEST_FILE, STUDENT_FILE
 
 
 def teacher_weights_file(config: RunConfig, out_root: Path) -> Path | None:
@@ -39,11 +38,11 @@ def teacher_weights_file(config: RunConfig, out_root: Path) -> Path | None:
     assert weights.run_id is not None
     run_dir = out_root / weights.run_id
     candidates = (
-        [run_dir / BEST]
+        [run_dir / BEST_FILE]
         if weights.checkpoint == "best"
         else [
             run_dir / STUDENT_FILE,
-            run_dir / LATEST,
+            run_dir / LATEST_FILE,
         ]
     )
     for path in candidates:
@@ -78,7 +77,7 @@ def resolve_teacher_weights(config: RunConfig, client: ApiClient, dest_dir: Path
                 f"teacher.weights.upload_id {weights.upload_id}: cannot download it: {err}"
             ) from None
     assert weights.run_id is not None
-    name = BEST if weights.checkpoint == "best" else LATEST
+    name = CHECKPOINT_ARTIFACTS[weights.checkpoint]
     try:
         return client.download_artifact(weights.run_id, name, dest_dir / f"{weights.run_id}-{name}")
     except ApiClientError as err:

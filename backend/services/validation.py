@@ -47,7 +47,7 @@ from worker.dry_run import (
 from worker.kd.plugins.huggingface import unwrap_model_output
 from worker.kd.probe import Deadline
 from worker.kd.serialization import header_shapes
-from worker.names import ACTIVE_STATUSES, BEST_FILE, DATASETS_DIR, LATEST_FILE
+from worker.names import ACTIVE_STATUSES, CHECKPOINT_ARTIFACTS, DATASETS_DIR
 
 Loc = list[str | int]
 
@@ -55,7 +55,6 @@ PATH_REFUSED = (
     "teacher.weights.path is only for `kdlab train` on the command line; upload the file with "
     "POST /api/uploads and use upload_id"
 )
-CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}
 
 
 def data_root(settings: Settings) -> Path:
