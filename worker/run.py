@@ -67,11 +67,14 @@ from worker.http_sink import HttpMetricSink
 from worker.log_forwarder import OutputForwarder
 from worker.names import (
     BEST_FILE,
+    DATASETS_DIR,
+    DEFAULT_DATA_DIR,
     FINISHED_STATUSES,
     LATEST_FILE,
     METADATA_FILE,
     METRICS_FILE,
     STUDENT_FILE,
+    WORK_DIR,
 )
 from worker.pipeline import TrainingPipeline
 from worker.stop_signals import WorkerStop, stop_on_signals
@@ -107,19 +110,19 @@ def _env_float(name: str, default: float) -> float:
 
 def data_dir() -> Path:
     """`KDLAB_DATA_DIR` (the server's data dir on this machine), default `~/.kdlab`."""
-    return Path(os.environ.get("KDLAB_DATA_DIR") or "~/.kdlab").expanduser()
+    return Path(os.environ.get("KDLAB_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
 
 
 def default_work_dir(run_id: str) -> Path:
     """`<data dir>/work/<run id>`: checkpoints, metrics.jsonl, the metric spool, teacher files."""
-    return data_dir() / "work" / run_id
+    return data_dir() / WORK_DIR / run_id
 
 
 def default_data_root() -> Path:
     """Where file-backed datasets live: `KDLAB_DATA_ROOT`, else `<data dir>/datasets` (the
     server's `data_root`, so a local worker reads the same files the server validated)."""
     root = os.environ.get("KDLAB_DATA_ROOT")
-    return Path(root).expanduser() if root else data_dir() / "datasets"
+    return Path(root).expanduser() if root else data_dir() / DATASETS_DIR
 
 
 # --------------------------------------------------------------------------- small pieces
