@@ -20,11 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.names import BEST_FILE, LATEST_FILE
-
 FORMAT = "kdlab.latest/1"
-LATEST = LATEST_FILE  # re-exported under the old names (worker.trainer imports them)
-BEST = BEST_FILE
 
 
 def config_hash(config_json: dict[str, Any]) -> str:

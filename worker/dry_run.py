@@ -393,11 +393,14 @@ class DryRun:
     problems: list[Problem] = field(default_factory=list)
 
 
-def dry_run(config: RunConfig, data_root: Path | None, deadline: Deadline | None = None) -> DryRun:
+def dry_run(
+    config: RunConfig, data_root: Path | None, time_limit_s: float = PROBE_TIME_LIMIT_S
+) -> DryRun:
     """Everything the trainer's set-up checks, up to its first step, on meta/fake tensors.
 
     A dataset that cannot be resolved ends the run with that one problem (at `dataset`).
-    `deadline` boxes the whole run (default: PROBE_TIME_LIMIT_S from now).
+    `time_limit_s` boxes the models' build and probes, counted once the data info is known (a
+    dataset built to learn its info does not eat the probes' time).
     """
     result = DryRun()
     try:
@@ -406,7 +409,7 @@ def dry_run(config: RunConfig, data_root: Path | None, deadline: Deadline | None
         message = f"dataset {config.dataset.name!r}: {build_error(err)}"
         result.problems.append(Problem(("dataset",), message))
         return result
-    deadline = deadline or Deadline.after(PROBE_TIME_LIMIT_S)
+    deadline = Deadline.after(time_limit_s)
     problems = result.problems
     result.student = _probe_role(
         problems, "student", config.student, config.dataset, info, None, deadline
@@ -429,6 +432,6 @@ def dry_run(config: RunConfig, data_root: Path | None, deadline: Deadline | None
 
 def loss_formula_text(config: RunConfig, pair_formulas: list[str]) -> str:
     """The loss formula a run of `config` optimises (the trainer records the same one), from
-    the formula of each pair's loss (`CheckedPair.formula`)."""
+    each checked pair's loss formula (its `describe()`)."""
     described = describe_from_config(config, pair_formulas) if config.kind == "distill" else None
     return str(loss_formula(config, described)["formula"])

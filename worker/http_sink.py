@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.client import ApiClient, ApiClientError
-from worker.names import METADATA_FILE
+from worker.names import METADATA_FILE, METADATA_LOG_PREFIX
 from worker.spool import Point, Spool
 
 log = logging.getLogger("kdlab.worker.metrics")
@@ -126,7 +126,9 @@ class HttpMetricSink:
 
     def log_metadata(self, meta: dict[str, Any]) -> None:
         self._metadata.update(meta)
-        line = "metadata " + json.dumps(meta, default=str, ensure_ascii=False, sort_keys=True)
+        line = METADATA_LOG_PREFIX + json.dumps(
+            meta, default=str, ensure_ascii=False, sort_keys=True
+        )
         with self._cond:
             self._logs.append(line)
             self._cond.notify()

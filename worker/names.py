@@ -32,3 +32,6 @@ METADATA_FILE = "metadata.json"  # run metadata: config hash, loss formula, fing
 
 # the run artifact a `teacher.weights.checkpoint` names (a run's weights on the server)
 CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}
+
+# a worker's metadata reaches the server as log lines `metadata {json}` (worker.http_sink)
+METADATA_LOG_PREFIX = "metadata "

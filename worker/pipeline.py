@@ -53,8 +53,9 @@ class TrainingPipeline:
             if weights is not None:
                 self.echo(f"teacher weights: {weights_label(weights)}")
                 teacher_state = load_teacher_state(config, weights, data.info)
+        extras = tuple(extra_sinks())  # first: one that fails leaves no file open
         self.sink = MultiSink(
-            JsonlSink(self.out_dir / METRICS_FILE), ConsoleSink(self.echo), *extra_sinks()
+            JsonlSink(self.out_dir / METRICS_FILE), ConsoleSink(self.echo), *extras
         )
         self.trainer = Trainer(
             config,

@@ -16,7 +16,15 @@ from torch import nn
 from worker import catalog, kd
 from worker.client import ApiClient, ApiClientError
 from worker.config import RunConfig
-from worker.names import BEST_FILE, CHECKPOINT_ARTIFACTS, LATEST_FILE, STUDENT_FILE
+from worker.names import CHECKPOINT_ARTIFACTS, LATEST_FILE, STUDENT_FILE
+
+
+def _given_file(path_text: str) -> Path:
+    """`teacher.weights.path`: a file on this machine."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher.weights.path: no file {path.resolve()}")
+    return path
 
 
 def teacher_weights_file(config: RunConfig, out_root: Path) -> Path | None:
@@ -31,14 +39,13 @@ def teacher_weights_file(config: RunConfig, out_root: Path) -> Path | None:
             "give teacher.weights.path (a file) or run_id (a run under --out)"
         )
     if weights.path is not None:
-        path = Path(weights.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher.weights.path: no file {path.resolve()}")
-        return path
+        return _given_file(weights.path)
     assert weights.run_id is not None
     run_dir = out_root / weights.run_id
+    # locally `latest` prefers a finished run's exported student (its final weights); a run
+    # still training has only latest.pt. On the server `latest` is the latest.pt artifact.
     candidates = (
-        [run_dir / BEST_FILE]
+        [run_dir / CHECKPOINT_ARTIFACTS["best"]]
         if weights.checkpoint == "best"
         else [
             run_dir / STUDENT_FILE,
@@ -63,10 +70,7 @@ def resolve_teacher_weights(config: RunConfig, client: ApiClient, dest_dir: Path
     if weights is None:
         return None
     if weights.path is not None:
-        path = Path(weights.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher.weights.path: no file {path.resolve()}")
-        return path
+        return _given_file(weights.path)
     dest_dir.mkdir(parents=True, exist_ok=True)
     if weights.upload_id is not None:
         dest = dest_dir / f"upload-{weights.upload_id}.safetensors"

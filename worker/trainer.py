@@ -28,7 +28,7 @@ from torch import nn
 
 from worker import catalog, kd
 from worker.batches import BatchSource
-from worker.checkpoint import BEST, LATEST, config_hash, load_latest, save_latest, seed_everything
+from worker.checkpoint import config_hash, load_latest, save_latest, seed_everything
 from worker.config import RunConfig
 from worker.data_order import epoch_order
 from worker.devices import PeakMemory, resolve_device, synchronize
@@ -36,7 +36,7 @@ from worker.ema import EMA
 from worker.evaluation import best_is_max, check_best_metric, evaluate
 from worker.kd.losses import IGNORE_INDEX
 from worker.metrics import MetricSink
-from worker.names import STUDENT_FILE
+from worker.names import BEST_FILE, LATEST_FILE, STUDENT_FILE
 from worker.numerics import amp_dtype, cast_for_autocast, numerics
 from worker.optim import build_optimizer, clip_and_measure_grads, lr_factor, total_grad_norm
 from worker.run_metadata import loss_metadata
@@ -432,12 +432,12 @@ class Trainer:
                 name: value,
                 "teacher_fingerprint": self.teacher_fingerprint,  # hashed once, at the start
             }
-            kd.save(self.model, self.out_dir / BEST, metadata=meta)
+            kd.save(self.model, self.out_dir / BEST_FILE, metadata=meta)
 
     # ---------------------------------------------------------------------------- checkpoints
     def _save_latest(self) -> Path:
         with self._off_the_clock():
-            return save_latest(self.out_dir / LATEST, capture_training_state(self))
+            return save_latest(self.out_dir / LATEST_FILE, capture_training_state(self))
 
     def _load_resume(self) -> dict[str, Any] | None:
         if self.resume_from is None:
@@ -476,14 +476,14 @@ class Trainer:
         exported = self._evaluate_saved_student(student_path)
         self._log(self.global_step, {"eval/exported_student_acc": exported})
         check_export(exported, in_training, student_path)
-        best = self.out_dir / BEST
+        best = self.out_dir / BEST_FILE
         return TrainResult(
             metrics=dict(self.last_metrics),
             out_dir=self.out_dir,
             global_step=self.global_step,
             student_path=student_path,
             best_path=best if best.exists() else None,
-            latest_path=self.out_dir / LATEST,
+            latest_path=self.out_dir / LATEST_FILE,
             metadata=self.metadata,
         )
 

@@ -7,7 +7,7 @@ transaction open while models are probed (see `backend.services.validation`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select
@@ -34,9 +34,6 @@ from backend.services.validation import CheckedConfig, check_config
 from backend.settings import Settings
 from worker.dry_run import loss_formula_text
 from worker.names import RunStatus
-
-if TYPE_CHECKING:  # backend.services.live imports run_views, which imports this module
-    pass
 
 LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000

@@ -45,7 +45,6 @@ from worker.dry_run import (
     state_shapes,
 )
 from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import Deadline
 from worker.kd.serialization import header_shapes
 from worker.names import ACTIVE_STATUSES, CHECKPOINT_ARTIFACTS, DATASETS_DIR
 
@@ -102,8 +101,7 @@ def check_config(
     """Both stages; Invalid listing every error found (the schema's first, alone)."""
     config = parse_config(data, prefix)
     errors = _Errors(list(prefix))
-    # one time box for the whole dry run
-    checked = dry_run(config, data_root(settings), Deadline.after(PROBE_TIME_LIMIT_S))
+    checked = dry_run(config, data_root(settings), PROBE_TIME_LIMIT_S)  # one box for the probes
     for problem in checked.problems:
         errors.add(list(problem.loc), problem.msg)
     if checked.info is None:  # the dataset itself: nothing else was checked
