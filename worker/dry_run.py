@@ -85,14 +85,6 @@ def build_error(err: Exception) -> str:
     )
 
 
-# --------------------------------------------------------------------------- data
-
-
-def data_info(spec: DatasetSpec, seed: int, data_root: Path | None) -> catalog.DataInfo:
-    """The dataset's DataInfo, from what its catalog entry declares (else it is built)."""
-    return catalog.dataset_info(spec, seed, data_root)
-
-
 # --------------------------------------------------------------------------- probes
 
 
@@ -404,7 +396,7 @@ def dry_run(
     """
     result = DryRun()
     try:
-        result.info = info = data_info(config.dataset, config.seed, data_root)
+        result.info = info = catalog.dataset_info(config.dataset, config.seed, data_root)
     except Exception as err:
         message = f"dataset {config.dataset.name!r}: {build_error(err)}"
         result.problems.append(Problem(("dataset",), message))

@@ -42,11 +42,11 @@ def signature(settings: Settings, config: dict[str, Any]) -> ModelSignature | No
         return None
     try:
         from backend.services.validation import data_root
+        from worker import catalog
         from worker.config import DatasetSpec
-        from worker.dry_run import data_info
 
         spec = DatasetSpec.model_validate(dataset)
-        info = data_info(spec, int(config.get("seed", 0)), data_root(settings))
+        info = catalog.dataset_info(spec, int(config.get("seed", 0)), data_root(settings))
     except Exception as err:
         log.info("MLflow mirror: no signature for dataset %r: %s", dataset.get("name"), err)
         return None

@@ -18,7 +18,7 @@ from backend.json_depth import too_deep, too_deep_error
 from backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossParam
 from worker import catalog
 from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
-from worker.dry_run import PROBE_TIME_LIMIT_S, build_error, data_info, probe_model
+from worker.dry_run import PROBE_TIME_LIMIT_S, build_error, probe_model
 from worker.kd.loss_balancers import BALANCERS
 from worker.kd.losses import LOSSES, KDLoss, loss_parameters
 from worker.kd.probe import Deadline
@@ -130,7 +130,7 @@ def model_layers(
     if errors:
         raise Invalid(errors)
     try:
-        info = data_info(data_spec, 0, data_root)
+        info = catalog.dataset_info(data_spec, 0, data_root)
     except (ValueError, OSError, TypeError) as err:
         raise Invalid.at(["query", "dataset_params"], build_error(err)) from None
     try:

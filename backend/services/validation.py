@@ -39,7 +39,6 @@ from worker.dry_run import (
     CheckedPair,
     Probe,
     build_error,
-    data_info,
     dry_run,
     shape_mismatch,
     state_shapes,
@@ -233,7 +232,9 @@ def _check_teacher_run(
         return
     try:
         run_dataset = DatasetSpec.model_validate(run.config.get("dataset"))
-        run_info = data_info(run_dataset, int(run.config.get("seed", 0)), data_root(settings))
+        run_info = catalog.dataset_info(
+            run_dataset, int(run.config.get("seed", 0)), data_root(settings)
+        )
     except Exception:  # the run's dataset is gone (a file removed): nothing to compare
         run_info = None
     if run_info is not None:
