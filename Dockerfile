@@ -47,8 +47,8 @@ COPY --chown=kdlab:kdlab worker worker
 COPY --chown=kdlab:kdlab migrations migrations
 COPY --chown=kdlab:kdlab examples examples
 # Editable: the Alembic scripts are read from /app/migrations next to the package (they are not
-# part of the wheel), and Ray job entrypoints (`python -m worker.run`) import from any directory.
-RUN pip install -e ".[ray]" && python -c "import torch, ray, backend.cli, worker.trainer"
+# part of the wheel), and Ray job entrypoints (`python -m kdlab.worker.run`) import from any directory.
+RUN pip install -e ".[ray]" && python -c "import torch, ray, kdlab.backend.cli, kdlab.worker.trainer"
 USER kdlab
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \

@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.errors import PayloadTooLarge
-from backend.pages.errors import is_page_request, page_error
-from backend.services.uploads import MULTIPART_OVERHEAD
-from backend.settings import Settings
+from kdlab.backend.errors import PayloadTooLarge
+from kdlab.backend.pages.errors import is_page_request, page_error
+from kdlab.backend.services.uploads import MULTIPART_OVERHEAD
+from kdlab.backend.settings import Settings
 
 UPLOAD_PATHS = frozenset({"/api/uploads", "/runs/new/upload"})  # multipart: file + framing
 ARTIFACT_PUT = re.compile(r"^/api/runs/[^/]+/artifacts/[^/]+$")  # raw bytes of one file

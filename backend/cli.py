@@ -4,7 +4,7 @@
     kdlab train CONFIG.yaml --server URL [--token T] [--work-dir DIR] [--device DEVICE]
 
 Each subcommand is one `add_<name>(subparsers)` function that registers its parser and sets
-`handler`; `main` dispatches. (`serve`, `db` and `token` live in `backend.commands`.)
+`handler`; `main` dispatches. (`serve`, `db` and `token` live in `kdlab.backend.commands`.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from backend.commands import add_db, add_serve, add_token
+from kdlab.backend.commands import add_db, add_serve, add_token
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
         return _train_on_server(args)
     if args.token is not None or args.work_dir is not None:
         raise ValueError("--token and --work-dir go with --server URL")
-    from worker.local_run import run_local
+    from kdlab.worker.local_run import run_local
 
     result = run_local(args.config, args.out, resume=args.resume, device=args.device)
     return EXIT_INTERRUPTED if result.stopped else 0
@@ -40,8 +40,8 @@ def _train_on_server(args: argparse.Namespace) -> int:
         raise ValueError(
             "--resume is for local runs; with --server every invocation registers a new run"
         )
-    from worker.client import ApiError
-    from worker.run import train_on_server
+    from kdlab.worker.client import ApiError
+    from kdlab.worker.run import train_on_server
 
     try:
         outcome = train_on_server(

@@ -1,4 +1,4 @@
-"""The server-side `kdlab` subcommands, registered like `backend.cli.add_train`:
+"""The server-side `kdlab` subcommands, registered like `kdlab.backend.cli.add_train`:
 
     kdlab serve [--host 127.0.0.1] [--port 8000] [--data-dir ~/.kdlab] [--demo]
     kdlab db upgrade [--revision head] [--data-dir DIR]
@@ -7,7 +7,7 @@
 
 Options given on the command line override the matching `KDLAB_*` variables; everything else
 (`KDLAB_TOKEN`, `KDLAB_DATABASE_URL`, ...) comes from the environment as in `Settings`. A user's
-mistake raises `ValueError`, which `backend.cli.main` prints as a one-line error.
+mistake raises `ValueError`, which `kdlab.backend.cli.main` prints as a one-line error.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backend.settings import Settings
+from kdlab.backend.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **names: str) -> Settings:
@@ -51,7 +51,7 @@ def _ensure_dirs(settings: Settings) -> None:
 
 
 def _require_head(engine: Any, settings: Settings) -> None:
-    from backend.db.migrate import current_revision, head_revision
+    from kdlab.backend.db.migrate import current_revision, head_revision
 
     current = current_revision(engine)
     if current != head_revision():
@@ -69,9 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings.check_bind()  # ValueError naming KDLAB_TOKEN when it would listen off loopback
     import uvicorn
 
-    from backend.db.engine import make_engine
-    from backend.db.migrate import upgrade
-    from backend.main import create_app
+    from kdlab.backend.db.engine import make_engine
+    from kdlab.backend.db.migrate import upgrade
+    from kdlab.backend.main import create_app
 
     _ensure_dirs(settings)
     engine = make_engine(settings.resolved_database_url)
@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     base = f"http://{host}:{settings.port}"
     print(f"KD Lab on {base}/ (data in {settings.data_path})", flush=True)
     if demo:
-        from backend.pages.compare import demo_view
+        from kdlab.backend.pages.compare import demo_view
 
         print(f"demo: watch it at {base}{demo_view()}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port)
@@ -96,9 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _seed_demo(settings: Settings) -> None:
     """`--demo`: queue the demo runs on a data dir without runs (the KD student follows its
-    teacher, queued by the supervisor; see `backend.services.dispatch.queue_demo`)."""
-    from backend.db.engine import make_engine, make_session_factory
-    from backend.services.dispatch import DEMO_EXPERIMENT, DEMO_KD, queue_demo
+    teacher, queued by the supervisor; see `kdlab.backend.services.dispatch.queue_demo`)."""
+    from kdlab.backend.db.engine import make_engine, make_session_factory
+    from kdlab.backend.services.dispatch import DEMO_EXPERIMENT, DEMO_KD, queue_demo
 
     if settings.executor != "local":
         raise ValueError(
@@ -148,8 +148,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from backend.db.engine import make_engine
-    from backend.db.migrate import current_revision, upgrade
+    from kdlab.backend.db.engine import make_engine
+    from kdlab.backend.db.migrate import current_revision, upgrade
 
     settings = _settings(args)
     _ensure_dirs(settings)
@@ -164,8 +164,8 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _db_current(args: argparse.Namespace) -> int:
-    from backend.db.engine import make_engine
-    from backend.db.migrate import current_revision, head_revision
+    from kdlab.backend.db.engine import make_engine
+    from kdlab.backend.db.migrate import current_revision, head_revision
 
     settings = _settings(args)
     engine = make_engine(settings.resolved_database_url)
@@ -200,9 +200,9 @@ def add_db(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from backend.db.engine import make_engine, make_session_factory
-    from backend.db.models import Run
-    from backend.services.auth import create_token
+    from kdlab.backend.db.engine import make_engine, make_session_factory
+    from kdlab.backend.db.models import Run
+    from kdlab.backend.services.auth import create_token
 
     name = args.name.strip()
     if not name:

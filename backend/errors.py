@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from backend.short_errors import shorten
+from kdlab.backend.short_errors import shorten
 
 
 class ServiceError(Exception):

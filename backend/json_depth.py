@@ -5,7 +5,7 @@ RecursionError somewhere near 1,000 levels, which FastAPI answers as a bare 400 
 `json.loads` as a 500. `too_deep` scans the raw text iteratively (one regex pass over the
 structural characters, strings skipped whole) and names the path of the first value nested deeper
 than the limit; `DepthCheckedRoute` runs it on every JSON body of a router before FastAPI parses.
-The free-form params inside stay bounded by `worker.config.MAX_PARAMS_DEPTH` (32): this outer
+The free-form params inside stay bounded by `kdlab.worker.config.MAX_PARAMS_DEPTH` (32): this outer
 bound only has to be far below the parser's recursion limit and above any valid config's depth.
 """
 
@@ -20,7 +20,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from worker.config import MAX_PARAMS_DEPTH
+from kdlab.worker.config import MAX_PARAMS_DEPTH
 
 MAX_JSON_DEPTH = MAX_PARAMS_DEPTH + 32  # a run config's own nesting plus its params' 32 levels
 

@@ -14,21 +14,21 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
-from backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
-from backend.body_limit import BodyLimit
-from backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
-from backend.errors import Invalid, ServiceError, Unavailable
-from backend.mlflow import MlflowMirror
-from backend.pages import compare as compare_page
-from backend.pages import docs as docs_page
-from backend.pages import launch as launch_page
-from backend.pages import run as run_page
-from backend.pages import runs as runs_page
-from backend.pages import security, signin
-from backend.pages.errors import is_page_request, page_error
-from backend.pages.templating import STATIC_DIR
-from backend.settings import Settings
-from backend.short_errors import shorten
+from kdlab.backend.api import artifacts, catalog, compare, health, metrics, runs, uploads
+from kdlab.backend.body_limit import BodyLimit
+from kdlab.backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
+from kdlab.backend.errors import Invalid, ServiceError, Unavailable
+from kdlab.backend.mlflow import MlflowMirror
+from kdlab.backend.pages import compare as compare_page
+from kdlab.backend.pages import docs as docs_page
+from kdlab.backend.pages import launch as launch_page
+from kdlab.backend.pages import run as run_page
+from kdlab.backend.pages import runs as runs_page
+from kdlab.backend.pages import security, signin
+from kdlab.backend.pages.errors import is_page_request, page_error
+from kdlab.backend.pages.templating import STATIC_DIR
+from kdlab.backend.settings import Settings
+from kdlab.backend.short_errors import shorten
 
 API_PREFIX = "/api"
 logger = logging.getLogger(__name__)
@@ -71,16 +71,16 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """While the app serves: the MLflow mirror drains the outbox (unless the tracking URI is
-    `none`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`backend.supervisor`;
+    `none`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`kdlab.backend.supervisor`;
     made first, so a Ray executor without KDLAB_RAY_ADDRESS stops the start-up at once);
-    stopping it leaves running workers alone. The live watcher (`backend.services.live`) wakes
+    stopping it leaves running workers alone. The live watcher (`kdlab.backend.services.live`) wakes
     the event streams of the runs that changed."""
-    from backend.services.live import watcher_of
+    from kdlab.backend.services.live import watcher_of
 
     live = watcher_of(app).start()
     supervisor = None
     if app.state.settings.executor in ("local", "ray"):
-        from backend.supervisor import Supervisor
+        from kdlab.backend.supervisor import Supervisor
 
         supervisor = Supervisor(app.state.settings, app.state.session_factory, demo=app.state.demo)
     mirror = MlflowMirror(app.state.settings, app.state.session_factory).start()
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
         title="KD Lab",
         summary="Knowledge-distillation experiments: runs, live metrics, comparisons, students.",
         version="0.1.0",
-        # /docs and /api/openapi.json: backend.pages.docs (vendored Swagger UI, behind the token)
+        # /docs and /api/openapi.json: kdlab.backend.pages.docs (vendored Swagger UI, behind the token)
         docs_url=None,
         redoc_url=None,
         openapi_url=None,

@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from backend.settings import Settings, host_name, is_loopback
+from kdlab.backend.settings import Settings, host_name, is_loopback
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CROSS_SITE_FETCHES = frozenset({"cross-site", "same-site"})  # allowed: same-origin, none

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from backend.db.engine import LOCK_TIMEOUT_SECONDS
-from worker.names import DEFAULT_DATA_DIR, WORK_DIR
+from kdlab.backend.db.engine import LOCK_TIMEOUT_SECONDS
+from kdlab.worker.names import DEFAULT_DATA_DIR, WORK_DIR
 
 
 class Settings(BaseSettings):

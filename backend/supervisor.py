@@ -1,6 +1,6 @@
 """The supervisor of `kdlab serve` (KDLAB_EXECUTOR=local or ray): a background thread that turns
 queued runs into workers and keeps the database true to what those workers do. It drives its
-executor through `backend.executors.base.Executor` alone: `LocalExecutor` (process groups on this
+executor through `kdlab.backend.executors.base.Executor` alone: `LocalExecutor` (process groups on this
 machine) or `RayExecutor` (one Ray job per attempt), picked by `make_executor` from the settings.
 
 Every `sweep_interval_seconds` one `tick`:
@@ -29,8 +29,8 @@ Every `sweep_interval_seconds` one `tick`:
    `cancel_grace_seconds` (a Ray job: `stop_job`, the same two steps done by Ray); a worker gone
    without reporting is marked `cancelled` by step 1. A pending Ray job has run nothing: its run
    is `cancelled` at once.
-3. **Claim** queued runs while a slot is free (see `backend.services.dispatch.claim_next`; a Ray
-   cluster queues every run itself) and start `python -m worker.run --run-id … --api
+3. **Claim** queued runs while a slot is free (see `kdlab.backend.services.dispatch.claim_next`; a Ray
+   cluster queues every run itself) and start `python -m kdlab.worker.run --run-id … --api
    <public_url> [--work-dir …]`, the run token in the environment (`KDLAB_RUN_TOKEN`). A worker
    on this machine gets its scratch dir under the server's data dir (`--work-dir`,
    `KDLAB_DATA_DIR`); a Ray job uses its node's own.
@@ -58,13 +58,13 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import utcnow
-from backend.executors.base import Executor, Launch, ProcessStatus, killed
-from backend.executors.local import LocalExecutor
-from backend.schemas.runs import FINISHED
-from backend.services import dispatch
-from backend.services.dispatch import Claim, Dispatched
-from backend.settings import Settings
+from kdlab.backend.db.models import utcnow
+from kdlab.backend.executors.base import Executor, Launch, ProcessStatus, killed
+from kdlab.backend.executors.local import LocalExecutor
+from kdlab.backend.schemas.runs import FINISHED
+from kdlab.backend.services import dispatch
+from kdlab.backend.services.dispatch import Claim, Dispatched
+from kdlab.backend.settings import Settings
 
 log = logging.getLogger("kdlab.supervisor")
 
@@ -76,10 +76,10 @@ CommandFactory = Callable[[Claim, str, Path | None], list[str]]
 
 
 def worker_command(claim: Claim, api_url: str, work_dir: Path | None) -> list[str]:
-    """`python -m worker.run …` with this interpreter (the server's environment; Ray nodes run
+    """`python -m kdlab.worker.run …` with this interpreter (the server's environment; Ray nodes run
     the same image, so the same path). The run token travels in the environment
     (`KDLAB_RUN_TOKEN`), not on the process list."""
-    command = [sys.executable, "-m", "worker.run", "--run-id", claim.run_id, "--api", api_url]
+    command = [sys.executable, "-m", "kdlab.worker.run", "--run-id", claim.run_id, "--api", api_url]
     if work_dir is not None:
         command += ["--work-dir", str(work_dir)]
     return command
@@ -105,7 +105,7 @@ def make_executor(settings: Settings) -> Executor:
                 "KDLAB_EXECUTOR=ray needs the Ray cluster's Jobs API address: set "
                 "KDLAB_RAY_ADDRESS (e.g. http://ray-head:8265, the Ray dashboard's port)"
             )
-        from backend.executors.ray import RayExecutor
+        from kdlab.backend.executors.ray import RayExecutor
 
         return RayExecutor(
             settings.ray_address,

@@ -1,4 +1,4 @@
-"""Batches of an in-memory dataset: `worker.batches.BatchSource` (whole-batch indexing, on the
+"""Batches of an in-memory dataset: `kdlab.worker.batches.BatchSource` (whole-batch indexing, on the
 device when it fits) against the per-sample `DataLoader` the trainer used before, one process.
 
     python benchmarks/data_batches.py [--device cpu|cuda] [--epochs 5]
@@ -19,10 +19,10 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from worker import catalog
-from worker.batches import BatchSource
-from worker.config import DatasetSpec
-from worker.devices import synchronize
+from kdlab.worker import catalog
+from kdlab.worker.batches import BatchSource
+from kdlab.worker.config import DatasetSpec
+from kdlab.worker.devices import synchronize
 
 DATASETS = {
     "digits": DatasetSpec(name="digits"),

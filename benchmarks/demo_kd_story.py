@@ -2,9 +2,9 @@
 
     python benchmarks/demo_kd_story.py [--seeds 0 1 2 3 4] [--out DIR] [--threads 1]
 
-For each seed, the three configs of `backend.services.dispatch.demo_configs` (teacher,
+For each seed, the three configs of `kdlab.backend.services.dispatch.demo_configs` (teacher,
 student-alone baseline, KD student distilled from that teacher's `best` checkpoint) are
-trained one after another through `worker.local_run.run_local`, exactly as `kdlab train`
+trained one after another through `kdlab.worker.local_run.run_local`, exactly as `kdlab train`
 runs them, with only `seed` changed (seed 0 is the demo's own). The seed chooses the
 train/val split, the labelled subset, the initialisation and the data order. Prints one row
 per seed (final `eval/student_acc` of each run, as the compare page shows it, and the gap
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from backend.services.dispatch import DEMO_BASELINE, DEMO_KD, DEMO_TEACHER, demo_configs
-from worker.local_run import run_local
+from kdlab.backend.services.dispatch import DEMO_BASELINE, DEMO_KD, DEMO_TEACHER, demo_configs
+from kdlab.worker.local_run import run_local
 
 ACC = "eval/student_acc"
 Configs = Callable[[str], dict[str, dict[str, Any]]]

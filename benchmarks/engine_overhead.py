@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL
 
 T = 4.0
 W_CE, W_KL, W_MSE = 0.3, 0.5, 0.2

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from worker import catalog
-from worker.config import RunConfig
-from worker.trainer import Trainer
+from kdlab.worker import catalog
+from kdlab.worker.config import RunConfig
+from kdlab.worker.trainer import Trainer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"amp": "none", "tf32": False},

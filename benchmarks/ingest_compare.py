@@ -5,7 +5,7 @@
         [--no-mlflow] [--mlflow-log-points 30000] [--mlflow-history-runs 3]
 
 (a) ingest: one client posts `runs × points` points in batches of `batch` to
-    `POST /api/runs/{id}/metrics` of a real `uvicorn backend.main:create_app` on loopback
+    `POST /api/runs/{id}/metrics` of a real `uvicorn kdlab.backend.main:create_app` on loopback
     (SQLite; PostgreSQL too with `--postgres-url`, an empty database the script migrates);
     building and JSON-encoding each batch is inside the timing, as in a worker.
 (b) compare: `GET /api/compare` for all runs × one key, downsampled to `max-points` per
@@ -122,9 +122,9 @@ def running(command: list[str], env: dict[str, str], health: str, log: Path, tim
 
 
 def seed_runs(database_url: str, count: int) -> list[str]:
-    from backend.db.engine import make_engine, make_session_factory
-    from backend.db.migrate import upgrade
-    from backend.db.models import Experiment, Run
+    from kdlab.backend.db.engine import make_engine, make_session_factory
+    from kdlab.backend.db.migrate import upgrade
+    from kdlab.backend.db.models import Experiment, Run
 
     engine = make_engine(database_url)
     upgrade(engine)
@@ -163,7 +163,7 @@ def kdlab_server(database_url: str, data_dir: Path, log: Path, mirror: bool = Fa
         # the same 2 cores during the measurement (pass --mirror to measure that too)
         env["KDLAB_MLFLOW_TRACKING_URI"] = "none"
     env.pop("KDLAB_TOKEN", None)
-    command = [sys.executable, "-m", "uvicorn", "--factory", "backend.main:create_app"]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "kdlab.backend.main:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
     base = f"http://127.0.0.1:{port}"
     return base, running(command, env, f"{base}/api/health", log, timeout=60)
@@ -226,7 +226,7 @@ def kdlab_compare(
 def analyze(database_url: str) -> None:
     from sqlalchemy import text
 
-    from backend.db.engine import make_engine
+    from kdlab.backend.db.engine import make_engine
 
     engine = make_engine(database_url)
     with engine.begin() as connection:

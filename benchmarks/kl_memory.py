@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worker.kd.losses import LogitsKL
+from kdlab.worker.kd.losses import LogitsKL
 
 
 def composite_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:

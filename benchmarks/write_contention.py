@@ -145,7 +145,7 @@ def main() -> None:
             env["KDLAB_MLFLOW_TRACKING_URI"] = "none"
         if args.postgres_url:
             env["KDLAB_DATABASE_URL"] = args.postgres_url
-        command = [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)]
+        command = [sys.executable, "-m", "kdlab.backend.cli", "serve", "--port", str(port)]
         base = f"http://127.0.0.1:{port}"
         log = Path(tmp) / "server.log"
         with running(command, env, f"{base}/api/health", log, timeout=120):

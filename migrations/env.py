@@ -1,12 +1,12 @@
-"""Alembic environment: runs against the URL (or open connection) `backend.db.migrate` passes in."""
+"""Alembic environment: runs against the URL (or open connection) `kdlab.backend.db.migrate` passes in."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from backend.db.engine import make_engine
-from backend.db.models import Base
+from kdlab.backend.db.engine import make_engine
+from kdlab.backend.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

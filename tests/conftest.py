@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from backend.db.engine import make_engine
-from backend.db.migrate import upgrade
-from backend.db.models import Base
-from backend.main import create_app
-from backend.settings import Settings
+from kdlab.backend.db.engine import make_engine
+from kdlab.backend.db.migrate import upgrade
+from kdlab.backend.db.models import Base
+from kdlab.backend.main import create_app
+from kdlab.backend.settings import Settings
 
 PG_BIN = Path(os.environ.get("KDLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
 # .ci/run sets this: there, a missing PostgreSQL is a failure, not a skip

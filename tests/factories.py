@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Experiment, Run
+from kdlab.backend.db.models import Experiment, Run
 
 DIGITS_TEACHER: dict[str, Any] = {
     "name": "digits-teacher",

@@ -1,5 +1,5 @@
 """`kdlab serve`, `kdlab db` and `kdlab token`, driven through a parser built from
-`backend.commands` (the same `add_*` functions `backend.cli` registers)."""
+`kdlab.backend.commands` (the same `add_*` functions `kdlab.backend.cli` registers)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.commands import add_db, add_serve, add_token
-from backend.db.engine import make_engine
-from backend.db.migrate import current_revision, head_revision
-from backend.main import create_app
-from backend.settings import Settings
+from kdlab.backend.commands import add_db, add_serve, add_token
+from kdlab.backend.db.engine import make_engine
+from kdlab.backend.db.migrate import current_revision, head_revision
+from kdlab.backend.main import create_app
+from kdlab.backend.settings import Settings
 from tests.conftest import free_port
 from tests.factories import create_run
 
@@ -164,7 +164,7 @@ def test_serve_starts_a_server_that_answers_health(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "backend.cli",
+                "kdlab.backend.cli",
                 "serve",
                 "--port",
                 str(port),

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from backend.cli import build_parser
-from backend.settings import Settings
+from kdlab.backend.cli import build_parser
+from kdlab.backend.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -332,7 +332,7 @@ def test_kdlab_settings_are_real_and_valid(services, monkeypatch):
             if key.startswith("KDLAB_"):
                 seen.add(key)
                 assert key.removeprefix("KDLAB_").lower() in fields, (
-                    f"{name}: {key} is not a setting of backend.settings.Settings"
+                    f"{name}: {key} is not a setting of kdlab.backend.settings.Settings"
                 )
     assert {"KDLAB_EXECUTOR", "KDLAB_DATABASE_URL", "KDLAB_TOKEN"} <= seen
     # the backend's environment gives valid settings (types, literals), read like `kdlab serve`

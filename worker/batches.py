@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.kd.losses import IGNORE_INDEX
 
 DEVICE_DATA_MAX_BYTES = 2 * 2**30  # a split larger than this stays in host memory
 DEVICE_DATA_MAX_SHARE = 0.25  # ... or larger than this share of the GPU's free memory

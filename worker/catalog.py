@@ -1,6 +1,6 @@
 """The catalog: named models and datasets that a run config (and the web form) may pick.
 
-Built-ins live in `worker.models` and `worker.datasets`. Plug-ins come from the entry-point groups
+Built-ins live in `kdlab.worker.models` and `kdlab.worker.datasets`. Plug-ins come from the entry-point groups
 `kdlab.models` (a callable `(params: dict, info: DataInfo) -> nn.Module`) and `kdlab.datasets`
 (a callable `(params: dict, seed: int, val_fraction: float, data_root: Path | None) -> DataBundle`);
 a plug-in is only imported when it is built. A plug-in may not shadow a built-in name.
@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from worker.params import Params, unknown_name
+from kdlab.worker.params import Params, unknown_name
 
 if TYPE_CHECKING:
-    from worker.config import DatasetSpec, ModelSpec
+    from kdlab.worker.config import DatasetSpec, ModelSpec
 
 __all__ = [
     "CatalogEntry",
@@ -47,7 +47,10 @@ __all__ = [
 ]
 
 Group = Literal["models", "datasets"]
-_BUILTIN_MODULES: dict[Group, str] = {"models": "worker.models", "datasets": "worker.datasets"}
+_BUILTIN_MODULES: dict[Group, str] = {
+    "models": "kdlab.worker.models",
+    "datasets": "kdlab.worker.datasets",
+}
 _SINGULAR: dict[Group, str] = {"models": "model", "datasets": "dataset"}
 
 
@@ -75,7 +78,7 @@ class CatalogEntry:
     """A buildable catalog item: its builder, one-line description and typed params (if known).
 
     `info` (datasets only): `(params, data_root) -> DataInfo` without loading the data; the
-    dry run (`worker.dry_run`) uses it, and `dataset_info` falls back to building without it.
+    dry run (`kdlab.worker.dry_run`) uses it, and `dataset_info` falls back to building without it.
     """
 
     builder: Callable[..., Any]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from worker.client import ApiClient
-from worker.echo import Echo
-from worker.names import BEST_FILE, LATEST_FILE
+from kdlab.worker.client import ApiClient
+from kdlab.worker.echo import Echo
+from kdlab.worker.names import BEST_FILE, LATEST_FILE
 
 
 class CheckpointUploader:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from worker.names import RUN_FINISHED_DETAIL
+from kdlab.worker.names import RUN_FINISHED_DETAIL
 
 log = logging.getLogger("kdlab.worker.client")
 

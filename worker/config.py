@@ -5,9 +5,9 @@ sensible default. Unknown keys are errors everywhere (`extra="forbid"`) so a typ
 silently. Catalog names (datasets, models) and loss names are checked against the live registries,
 with close matches suggested.
 
-It re-exports the distillation specs (their home is `worker.distill_config`) and the small
+It re-exports the distillation specs (their home is `kdlab.worker.distill_config`) and the small
 validation helpers the catalog shares (`error_lines`, `Params`, `unknown_name`, `JsonObject`;
-their home is the leaf module `worker.params`), so `from worker.config import X` keeps working.
+their home is the leaf module `kdlab.worker.params`), so `from kdlab.worker.config import X` keeps working.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from worker.distill_config import (
+from kdlab.worker.distill_config import (
     MAX_PAIRS,
     AdapterSpec,
     BalancerSpec,
@@ -36,7 +36,7 @@ from worker.distill_config import (
     PairSpec,
     balancer_params_schema,
 )
-from worker.params import (
+from kdlab.worker.params import (
     MAX_PARAMS_DEPTH,
     MAX_PARAMS_INT,
     JsonObject,
@@ -46,7 +46,7 @@ from worker.params import (
     params_field,
     unknown_name,
 )
-from worker.params import StrictModel as _Strict
+from kdlab.worker.params import StrictModel as _Strict
 
 __all__ = [
     "MAX_PAIRS",
@@ -104,7 +104,7 @@ def _check_catalog_params(
     name = info.data.get("name")
     if name is None:  # the name itself was invalid; that error is enough
         return
-    from worker import catalog
+    from kdlab.worker import catalog
 
     model = catalog.params_model(group, name)
     if model is not None:
@@ -123,7 +123,7 @@ class DatasetSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from worker import catalog
+        from kdlab.worker import catalog
 
         if name not in catalog.list_datasets():
             raise ValueError(unknown_name("dataset", name, catalog.list_datasets()))
@@ -145,7 +145,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from worker import catalog
+        from kdlab.worker import catalog
 
         if name not in catalog.list_models():
             raise ValueError(unknown_name("model", name, catalog.list_models()))

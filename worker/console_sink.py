@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from worker.echo import Echo, print_line
+from kdlab.worker.echo import Echo, print_line
 
 
 class ConsoleSink:

@@ -20,10 +20,10 @@ from pydantic import Field, field_validator, model_validator
 from torch.utils.data import Dataset, Subset, TensorDataset
 from typing_extensions import Self
 
-from worker.catalog import CatalogEntry, DataBundle, DataInfo
-from worker.config import SEED_LIMIT
-from worker.kd.losses import IGNORE_INDEX
-from worker.params import Params
+from kdlab.worker.catalog import CatalogEntry, DataBundle, DataInfo
+from kdlab.worker.config import SEED_LIMIT
+from kdlab.worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.params import Params
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".npy"})
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -313,7 +313,7 @@ def _image_tensor(array: np.ndarray, channels: int, size: int) -> torch.Tensor:
 class ImageFiles(Dataset):
     """Images decoded on access: item = ([channels, size, size] float in [0, 1], label)."""
 
-    reads_from_disk = True  # worker.batches loads it in worker processes
+    reads_from_disk = True  # kdlab.worker.batches loads it in worker processes
 
     def __init__(self, files: list[Path], labels: list[int], channels: int, size: int) -> None:
         self.files, self.labels, self.channels, self.size = files, labels, channels, size

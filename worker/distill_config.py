@@ -1,5 +1,5 @@
 """The distillation part of the run config: layer pairs and their losses, the balancer, the
-teacher input adapter (`DistillSpec`). `worker.config` re-exports every name."""
+teacher input adapter (`DistillSpec`). `kdlab.worker.config` re-exports every name."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
 
-from worker.params import JsonObject, Params, params_field, unknown_name
-from worker.params import StrictModel as _Strict
+from kdlab.worker.params import JsonObject, Params, params_field, unknown_name
+from kdlab.worker.params import StrictModel as _Strict
 
 MAX_PAIRS = 128  # distillation layer pairs of one run
 
 
 class LossSpec(_Strict):
-    """A KD loss from `worker.kd.losses.LOSSES`."""
+    """A KD loss from `kdlab.worker.kd.losses.LOSSES`."""
 
     name: str = Field(default="logits_kl", description="KD loss name, e.g. logits_kl, feature_mse.")
     params: JsonObject = params_field("loss")
@@ -23,7 +23,7 @@ class LossSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_loss(cls, name: str) -> str:
-        from worker.kd.losses import LOSSES
+        from kdlab.worker.kd.losses import LOSSES
 
         if name not in LOSSES:
             raise ValueError(unknown_name("loss", name, LOSSES))
@@ -34,7 +34,7 @@ class LossSpec(_Strict):
     def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         name = info.data.get("name")
         if name is not None:
-            from worker.kd.losses import build_loss
+            from kdlab.worker.kd.losses import build_loss
 
             build_loss(name, params)  # ValueError naming a bad param
         return params

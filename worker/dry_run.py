@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from worker import catalog
-from worker.config import DatasetSpec, DistillSpec, ModelSpec, RunConfig
-from worker.kd.adapters import NormalizationAdapter
-from worker.kd.distillation_model import LayerOutputError, kd_loss_inputs
-from worker.kd.losses import build_loss
-from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import (
+from kdlab.worker import catalog
+from kdlab.worker.config import DatasetSpec, DistillSpec, ModelSpec, RunConfig
+from kdlab.worker.kd.adapters import NormalizationAdapter
+from kdlab.worker.kd.distillation_model import LayerOutputError, kd_loss_inputs
+from kdlab.worker.kd.losses import build_loss
+from kdlab.worker.kd.plugins.huggingface import unwrap_model_output
+from kdlab.worker.kd.probe import (
     OUTPUT,
     Deadline,
     ProbeLimit,
@@ -45,7 +45,7 @@ from worker.kd.probe import (
     probe_outputs,
     resolve_layer,
 )
-from worker.loss_formula import describe_from_config, loss_formula
+from kdlab.worker.loss_formula import describe_from_config, loss_formula
 
 PROBE_BATCH = 2
 CPU_PROBE_MAX_PARAMS = 50_000_000  # larger models are probed uninitialised (see probe_model)

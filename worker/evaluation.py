@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import kd
-from worker.batches import BatchSource
-from worker.kd.losses import IGNORE_INDEX
-from worker.teacher_outputs import TeacherOutputs
+from kdlab.worker import kd
+from kdlab.worker.batches import BatchSource
+from kdlab.worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.teacher_outputs import TeacherOutputs
 
 
 def best_is_max(metric: str) -> bool:

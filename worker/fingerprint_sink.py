@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.client import ApiClient
-from worker.echo import Echo
+from kdlab.worker.client import ApiClient
+from kdlab.worker.echo import Echo
 
 
 class FingerprintReporter:

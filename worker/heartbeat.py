@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from worker.client import ApiClient, ApiClientError
-from worker.echo import Echo
-from worker.stop_signals import WorkerStop
+from kdlab.worker.client import ApiClient, ApiClientError
+from kdlab.worker.echo import Echo
+from kdlab.worker.stop_signals import WorkerStop
 
 
 class Heartbeat:

@@ -4,7 +4,7 @@
 background thread posts a batch when the oldest queued point is `interval` (1 s) old or
 `batch_points` (1,000) points are queued. If a post fails for any reason other than a 4xx
 answer (connection refused, timeout, 5xx, ...), the batch is appended to the on-disk spool
-(`worker.spool.Spool`, fsynced) and re-sent later, oldest first, with exponential backoff;
+(`kdlab.worker.spool.Spool`, fsynced) and re-sent later, oldest first, with exponential backoff;
 while anything is spooled, new batches join the end of the spool so the server receives the
 points in the order they were logged. The server stores each (run, key, step) once, so a
 re-sent batch never doubles a point; nothing is dropped except what the server refuses for good
@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from worker.client import ApiClient, ApiClientError
-from worker.names import METADATA_FILE, METADATA_LOG_PREFIX
-from worker.spool import Point, Spool
+from kdlab.worker.client import ApiClient, ApiClientError
+from kdlab.worker.names import METADATA_FILE, METADATA_LOG_PREFIX
+from kdlab.worker.spool import Point, Spool
 
 log = logging.getLogger("kdlab.worker.metrics")
 
@@ -49,7 +49,7 @@ def _stderr(line: str) -> None:
 
 
 class HttpMetricSink:
-    """A `worker.metrics.MetricSink` that reports to the server; see the module docstring."""
+    """A `kdlab.worker.metrics.MetricSink` that reports to the server; see the module docstring."""
 
     def __init__(
         self,

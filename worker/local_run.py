@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from worker.config import load_run_config
-from worker.console_sink import ConsoleSink
-from worker.echo import Echo, print_line
-from worker.names import LATEST_FILE, METADATA_FILE, METRICS_FILE, STUDENT_FILE
-from worker.pipeline import TrainingPipeline
-from worker.stop_signals import StopFlag, stop_on_signals
-from worker.teacher_weights import load_teacher_state, teacher_weights_file
-from worker.trainer import TrainResult
+from kdlab.worker.config import load_run_config
+from kdlab.worker.console_sink import ConsoleSink
+from kdlab.worker.echo import Echo, print_line
+from kdlab.worker.names import LATEST_FILE, METADATA_FILE, METRICS_FILE, STUDENT_FILE
+from kdlab.worker.pipeline import TrainingPipeline
+from kdlab.worker.stop_signals import StopFlag, stop_on_signals
+from kdlab.worker.teacher_weights import load_teacher_state, teacher_weights_file
+from kdlab.worker.trainer import TrainResult
 
 __all__ = [  # `kdlab train`'s pieces, importable from here as before
     "ConsoleSink",

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TextIO
 
-from worker.client import ApiClient, ApiClientError
+from kdlab.worker.client import ApiClient, ApiClientError
 
 
 class OutputForwarder:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import kd
-from worker.config import RunConfig
-from worker.kd.distillation_model import pair_key
+from kdlab.worker import kd
+from kdlab.worker.config import RunConfig
+from kdlab.worker.kd.distillation_model import pair_key
 
 STUDENT_LOSS_FORMULA = "cross_entropy(student_logits, labels), mean over labels != -100"
 

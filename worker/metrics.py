@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
-from worker.names import METADATA_FILE
+from kdlab.worker.names import METADATA_FILE
 
 
 @runtime_checkable

@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from worker.catalog import CatalogEntry, DataInfo
-from worker.params import Params
+from kdlab.worker.catalog import CatalogEntry, DataInfo
+from kdlab.worker.params import Params
 
 if TYPE_CHECKING:
     from transformers import GPT2Config

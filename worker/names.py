@@ -19,8 +19,8 @@ DEFAULT_DATA_DIR = "~/.kdlab"
 DATASETS_DIR = "datasets"  # file-backed datasets, the data root: <data dir>/datasets
 WORK_DIR = "work"  # local workers' scratch directories: <data dir>/work/<run id>
 
-# the server's 401 detail for a run token revoked when its run finished (backend.services.auth
-# sends it, worker.client recognises it)
+# the server's 401 detail for a run token revoked when its run finished (kdlab.backend.services.auth
+# sends it, kdlab.worker.client recognises it)
 RUN_FINISHED_DETAIL = "this run's token was revoked when the run finished"
 
 # the files a run writes into its directory (and uploads as artifacts of the same names)
@@ -33,5 +33,5 @@ METADATA_FILE = "metadata.json"  # run metadata: config hash, loss formula, fing
 # the run artifact a `teacher.weights.checkpoint` names (a run's weights on the server)
 CHECKPOINT_ARTIFACTS: dict[str, str] = {"best": BEST_FILE, "latest": LATEST_FILE}
 
-# a worker's metadata reaches the server as log lines `metadata {json}` (worker.http_sink)
+# a worker's metadata reaches the server as log lines `metadata {json}` (kdlab.worker.http_sink)
 METADATA_LOG_PREFIX = "metadata "

@@ -2,8 +2,8 @@
 errors as `dotted.path: message` lines), `StrictModel`, `Params` (typed builder params) and
 `unknown_name`, and `JsonObject` (free-form params, checked: finite, 64-bit, bounded nesting).
 
-A leaf module (it imports nothing of the project): `worker.catalog` imports it, and so does
-`worker.config`, which re-exports these names, so neither needs the other at import time.
+A leaf module (it imports nothing of the project): `kdlab.worker.catalog` imports it, and so does
+`kdlab.worker.config`, which re-exports these names, so neither needs the other at import time.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from worker import catalog
-from worker.config import RunConfig
-from worker.console_sink import ConsoleSink
-from worker.echo import Echo
-from worker.metrics import JsonlSink, MetricSink, MultiSink
-from worker.names import METRICS_FILE
-from worker.teacher_weights import load_teacher_state
-from worker.trainer import Trainer
+from kdlab.worker import catalog
+from kdlab.worker.config import RunConfig
+from kdlab.worker.console_sink import ConsoleSink
+from kdlab.worker.echo import Echo
+from kdlab.worker.metrics import JsonlSink, MetricSink, MultiSink
+from kdlab.worker.names import METRICS_FILE
+from kdlab.worker.teacher_weights import load_teacher_state
+from kdlab.worker.trainer import Trainer
 
 
 class TrainingPipeline:

@@ -1,6 +1,6 @@
 """The worker: train one run for a KD Lab server and report everything back over HTTP.
 
-    python -m worker.run --run-id ID --api URL --token TOKEN [--work-dir DIR] [--device DEV]
+    python -m kdlab.worker.run --run-id ID --api URL --token TOKEN [--work-dir DIR] [--device DEV]
 
 (the token may also come from `KDLAB_RUN_TOKEN`, keeping it off the process list). What it does,
 in order (docs/contracts.md, "Worker ↔ backend"):
@@ -13,7 +13,7 @@ in order (docs/contracts.md, "Worker ↔ backend"):
    exactly; otherwise the work dir's old outputs are removed (the metric spool is kept).
 3. Teacher weights: `weights.run_id` → that run's `best.safetensors` (checkpoint: best) or
    `latest.pt` (checkpoint: latest, its model state extracted); `upload_id` → the upload's
-   file; `path` → a local file (external runs only); see `worker.teacher_weights`.
+   file; `path` → a local file (external runs only); see `kdlab.worker.teacher_weights`.
 4. Trains with `MultiSink(JsonlSink(work dir), ConsoleSink, HttpMetricSink)`. Meanwhile:
    - a heartbeat thread posts every `KDLAB_HEARTBEAT_SECONDS` (5) and sets the stop flag when
      the answer says `cancel_requested` (or the run finished on the server);
@@ -40,8 +40,8 @@ in order (docs/contracts.md, "Worker ↔ backend"):
 
 `kdlab train CONFIG --server URL` goes through `train_on_server` here: it registers an external
 run and then runs exactly this code path for it. Data → teacher → sinks → trainer is
-`worker.pipeline`, shared with `kdlab train`; the threads are `worker.heartbeat`,
-`worker.checkpoint_uploader` and `worker.log_forwarder`; signals `worker.stop_signals`.
+`kdlab.worker.pipeline`, shared with `kdlab train`; the threads are `kdlab.worker.heartbeat`,
+`kdlab.worker.checkpoint_uploader` and `kdlab.worker.log_forwarder`; signals `kdlab.worker.stop_signals`.
 """
 
 from __future__ import annotations
@@ -57,15 +57,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.checkpoint_uploader import CheckpointUploader
-from worker.client import ApiClient, ApiClientError, ApiError
-from worker.config import RunConfig, load_run_config
-from worker.echo import Echo, print_line
-from worker.fingerprint_sink import FingerprintReporter
-from worker.heartbeat import Heartbeat
-from worker.http_sink import HttpMetricSink
-from worker.log_forwarder import OutputForwarder
-from worker.names import (
+from kdlab.worker.checkpoint_uploader import CheckpointUploader
+from kdlab.worker.client import ApiClient, ApiClientError, ApiError
+from kdlab.worker.config import RunConfig, load_run_config
+from kdlab.worker.echo import Echo, print_line
+from kdlab.worker.fingerprint_sink import FingerprintReporter
+from kdlab.worker.heartbeat import Heartbeat
+from kdlab.worker.http_sink import HttpMetricSink
+from kdlab.worker.log_forwarder import OutputForwarder
+from kdlab.worker.names import (
     BEST_FILE,
     DATASETS_DIR,
     DEFAULT_DATA_DIR,
@@ -76,10 +76,10 @@ from worker.names import (
     STUDENT_FILE,
     WORK_DIR,
 )
-from worker.pipeline import TrainingPipeline
-from worker.stop_signals import WorkerStop, stop_on_signals
-from worker.teacher_weights import resolve_teacher_weights
-from worker.trainer import TrainResult
+from kdlab.worker.pipeline import TrainingPipeline
+from kdlab.worker.stop_signals import WorkerStop, stop_on_signals
+from kdlab.worker.teacher_weights import resolve_teacher_weights
+from kdlab.worker.trainer import TrainResult
 
 __all__ = [  # the worker's pieces, importable from here as before
     "CheckpointUploader",
@@ -434,7 +434,7 @@ def train_on_server(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.run",
+        prog="python -m kdlab.worker.run",
         description="Train one run of a KD Lab server and report to it over HTTP.",
     )
     parser.add_argument("--run-id", required=True, help="the run to train")

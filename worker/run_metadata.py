@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from worker import kd
-from worker.config import RunConfig
-from worker.loss_formula import loss_formula
+from kdlab.worker import kd
+from kdlab.worker.config import RunConfig
+from kdlab.worker.loss_formula import loss_formula
 
 
 def loss_metadata(

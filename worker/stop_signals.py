@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from worker.echo import Echo
+from kdlab.worker.echo import Echo
 
 
 class StopFlag:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from worker import kd
+from kdlab.worker import kd
 
 EXPORT_TOLERANCE = 1e-6  # |exported − in-training| student accuracy allowed after export
 

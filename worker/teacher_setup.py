@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker import catalog, dry_run, kd
-from worker.config import DatasetSpec, DistillSpec, ModelSpec
+from kdlab.worker import catalog, dry_run, kd
+from kdlab.worker.config import DatasetSpec, DistillSpec, ModelSpec
 
 WEAK_TEACHER_FACTOR = 1.5  # a teacher below 1.5 × chance accuracy looks untrained
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker import catalog, kd
-from worker.client import ApiClient, ApiClientError
-from worker.config import RunConfig
-from worker.names import CHECKPOINT_ARTIFACTS, LATEST_FILE, STUDENT_FILE
+from kdlab.worker import catalog, kd
+from kdlab.worker.client import ApiClient, ApiClientError
+from kdlab.worker.config import RunConfig
+from kdlab.worker.names import CHECKPOINT_ARTIFACTS, LATEST_FILE, STUDENT_FILE
 
 
 def _given_file(path_text: str) -> Path:
@@ -120,7 +120,7 @@ def _has_kdlab_metadata(path: Path) -> bool:
     """Whether a safetensors file carries KD Lab's header metadata (written by `kd.save`)."""
     from safetensors import safe_open
 
-    from worker.kd.serialization import METADATA_KEY
+    from kdlab.worker.kd.serialization import METADATA_KEY
 
     with safe_open(str(path), framework="pt") as handle:
         return METADATA_KEY in (handle.metadata() or {})

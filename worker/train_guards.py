@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.kd.losses import IGNORE_INDEX
 
 
 def check_labels(labelled: bool, batch_index: int, epoch: int, step: int) -> None:

@@ -26,31 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import catalog, kd
-from worker.batches import BatchSource
-from worker.checkpoint import config_hash, load_latest, save_latest, seed_everything
-from worker.config import RunConfig
-from worker.data_order import epoch_order
-from worker.devices import PeakMemory, resolve_device, synchronize
-from worker.ema import EMA
-from worker.evaluation import best_is_max, check_best_metric, evaluate
-from worker.kd.losses import IGNORE_INDEX
-from worker.metrics import MetricSink
-from worker.names import BEST_FILE, LATEST_FILE, STUDENT_FILE
-from worker.numerics import amp_dtype, cast_for_autocast, numerics
-from worker.optim import build_optimizer, clip_and_measure_grads, lr_factor, total_grad_norm
-from worker.run_metadata import loss_metadata
-from worker.student_export import check_export, save_student
-from worker.teacher_outputs import TeacherOutputs
-from worker.teacher_setup import (
+from kdlab.worker import catalog, kd
+from kdlab.worker.batches import BatchSource
+from kdlab.worker.checkpoint import config_hash, load_latest, save_latest, seed_everything
+from kdlab.worker.config import RunConfig
+from kdlab.worker.data_order import epoch_order
+from kdlab.worker.devices import PeakMemory, resolve_device, synchronize
+from kdlab.worker.ema import EMA
+from kdlab.worker.evaluation import best_is_max, check_best_metric, evaluate
+from kdlab.worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.metrics import MetricSink
+from kdlab.worker.names import BEST_FILE, LATEST_FILE, STUDENT_FILE
+from kdlab.worker.numerics import amp_dtype, cast_for_autocast, numerics
+from kdlab.worker.optim import build_optimizer, clip_and_measure_grads, lr_factor, total_grad_norm
+from kdlab.worker.run_metadata import loss_metadata
+from kdlab.worker.student_export import check_export, save_student
+from kdlab.worker.teacher_outputs import TeacherOutputs
+from kdlab.worker.teacher_setup import (
     attach_teacher,
     build_teacher,
     build_teacher_adapter,
     check_teacher_accuracy,
 )
-from worker.teacher_timer import TeacherTimer
-from worker.train_guards import check_finite, check_labels
-from worker.training_state import capture_training_state, restore_training_state
+from kdlab.worker.teacher_timer import TeacherTimer
+from kdlab.worker.train_guards import check_finite, check_labels
+from kdlab.worker.training_state import capture_training_state, restore_training_state
 
 __all__ = ["STUDENT_FILE", "TrainResult", "Trainer", "build_optimizer", "total_grad_norm"]
 
@@ -409,7 +409,7 @@ class Trainer:
         self._log(self.global_step, metrics)
 
     def _evaluate(self, student: nn.Module | None, teacher: nn.Module | None) -> dict[str, float]:
-        """The `eval/*` metrics of `student` and/or `teacher`; see `worker.evaluation`."""
+        """The `eval/*` metrics of `student` and/or `teacher`; see `kdlab.worker.evaluation`."""
         assert self.val_batches is not None
         forward = self._teacher_forward if teacher is not None else None
         return evaluate(self.val_batches, student, forward, self.teacher_outputs, self._autocast)

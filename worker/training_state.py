@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.checkpoint import capture_rng_state, restore_rng_state
+from kdlab.worker.checkpoint import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
-    from worker.trainer import Trainer
+    from kdlab.worker.trainer import Trainer
 
 
 def capture_training_state(trainer: Trainer) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""HTTP layer: one router per resource; logic lives in `backend.services`."""
+"""HTTP layer: one router per resource; logic lives in `kdlab.backend.services`."""

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from backend.api.deps import PrincipalDep, SessionDep, SettingsDep
-from backend.db.models import Artifact
-from backend.schemas.artifacts import ArtifactKind, ArtifactOut
-from backend.services import artifacts as service
-from backend.services import storage
+from kdlab.backend.api.deps import PrincipalDep, SessionDep, SettingsDep
+from kdlab.backend.db.models import Artifact
+from kdlab.backend.schemas.artifacts import ArtifactKind, ArtifactOut
+from kdlab.backend.services import artifacts as service
+from kdlab.backend.services import storage
 
 router = APIRouter(tags=["artifacts"])
 

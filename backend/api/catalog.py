@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from backend.api.deps import PrincipalDep, SettingsDep
-from backend.schemas.catalog import Catalog, Layer
-from backend.services import catalog as service
-from backend.services.validation import data_root
+from kdlab.backend.api.deps import PrincipalDep, SettingsDep
+from kdlab.backend.schemas.catalog import Catalog, Layer
+from kdlab.backend.services import catalog as service
+from kdlab.backend.services.validation import data_root
 
 router = APIRouter(prefix="/catalog", tags=["catalog"])
 

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from backend.api.deps import PrincipalDep, SessionDep, SettingsDep
-from backend.api.metrics import WindowDep, parse_keys
-from backend.errors import Invalid
-from backend.schemas.metrics import SeriesResponse, split_list
-from backend.services import metrics
+from kdlab.backend.api.deps import PrincipalDep, SessionDep, SettingsDep
+from kdlab.backend.api.metrics import WindowDep, parse_keys
+from kdlab.backend.errors import Invalid
+from kdlab.backend.schemas.metrics import SeriesResponse, split_list
+from kdlab.backend.services import metrics
 
 router = APIRouter(tags=["compare"])
 

@@ -9,13 +9,13 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from backend.db.engine import session_scope
-from backend.errors import Forbidden
-from backend.schemas.runs import RunStatus
-from backend.services import sessions
-from backend.services.auth import ADMIN, Principal, authenticate
-from backend.services.runs import DEFAULT_SORT
-from backend.settings import Settings
+from kdlab.backend.db.engine import session_scope
+from kdlab.backend.errors import Forbidden
+from kdlab.backend.schemas.runs import RunStatus
+from kdlab.backend.services import sessions
+from kdlab.backend.services.auth import ADMIN, Principal, authenticate
+from kdlab.backend.services.runs import DEFAULT_SORT
+from kdlab.backend.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

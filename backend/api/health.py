@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from backend.api.deps import SessionDep, SettingsDep
-from backend.db.migrate import current_revision
+from kdlab.backend.api.deps import SessionDep, SettingsDep
+from kdlab.backend.db.migrate import current_revision
 
 router = APIRouter(tags=["health"])
 

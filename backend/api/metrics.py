@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from backend.api.deps import PrincipalDep, SessionDep, SettingsDep
-from backend.errors import Invalid
-from backend.schemas.metrics import (
+from kdlab.backend.api.deps import PrincipalDep, SessionDep, SettingsDep
+from kdlab.backend.errors import Invalid
+from kdlab.backend.schemas.metrics import (
     MAX_STEP,
     MetricBatchAccepted,
     MetricBatchIn,
@@ -21,10 +21,10 @@ from backend.schemas.metrics import (
     inline_json_schema,
     split_list,
 )
-from backend.services import metrics
-from backend.services.auth import Principal
-from backend.services.downsample import Window
-from backend.short_errors import shorten
+from kdlab.backend.services import metrics
+from kdlab.backend.services.auth import Principal
+from kdlab.backend.services.downsample import Window
+from kdlab.backend.short_errors import shorten
 
 router = APIRouter(tags=["metrics"])
 

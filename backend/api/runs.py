@@ -1,4 +1,4 @@
-"""/api/runs routes: thin HTTP wrappers around `backend.services.runs`."""
+"""/api/runs routes: thin HTTP wrappers around `kdlab.backend.services.runs`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from backend.api.deps import (
+from kdlab.backend.api.deps import (
     AdminDep,
     PrincipalDep,
     RunFiltersDep,
@@ -16,8 +16,8 @@ from backend.api.deps import (
     SettingsDep,
     get_principal,
 )
-from backend.json_depth import DepthCheckedRoute
-from backend.schemas.runs import (
+from kdlab.backend.json_depth import DepthCheckedRoute
+from kdlab.backend.schemas.runs import (
     CloneRequest,
     ExternalRunCreated,
     HeartbeatOut,
@@ -29,11 +29,11 @@ from backend.schemas.runs import (
     StatusReport,
     ValidationReport,
 )
-from backend.services import live
-from backend.services import run_events as events
-from backend.services import runs as service
+from kdlab.backend.services import live
+from kdlab.backend.services import run_events as events
+from kdlab.backend.services import runs as service
 
-# a JSON body nested too deep is a 422 before FastAPI parses it (see backend.json_depth)
+# a JSON body nested too deep is a 422 before FastAPI parses it (see kdlab.backend.json_depth)
 router = APIRouter(prefix="/runs", tags=["runs"], route_class=DepthCheckedRoute)
 
 RunBody = Annotated[

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from backend.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
-from backend.db.models import Upload
-from backend.schemas.uploads import UploadOut
-from backend.services import uploads as service
+from kdlab.backend.api.deps import AdminDep, PrincipalDep, SessionDep, SettingsDep
+from kdlab.backend.db.models import Upload
+from kdlab.backend.schemas.uploads import UploadOut
+from kdlab.backend.services import uploads as service
 
 router = APIRouter(tags=["uploads"])
 

@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from worker.names import RunStatus
+from kdlab.worker.names import RunStatus
 
 
 def utcnow() -> datetime:

@@ -1,6 +1,6 @@
 """The interface every executor implements (local processes, Ray jobs).
 
-The supervisor (`backend.supervisor`) drives any executor through this class alone: `submit`,
+The supervisor (`kdlab.backend.supervisor`) drives any executor through this class alone: `submit`,
 `status`, `cancel`, `logs` (DESIGN §4), plus the hooks below, whose defaults suit an executor
 that schedules by itself and keeps no table of its own (Ray):
 
@@ -36,7 +36,9 @@ class Launch:
 
     run_id: str
     attempt: int
-    command: list[str]  # e.g. [python, -m, worker.run, --run-id, ..., --api, ..., --work-dir, ...]
+    command: list[
+        str
+    ]  # e.g. [python, -m, kdlab.worker.run, --run-id, ..., --api, ..., --work-dir, ...]
     env: dict[str, str] = field(default_factory=dict)  # the run token travels here
     gpus: int = 0
 

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import backend
-from backend.executors.base import Executor, Launch, ProcessStatus, describe_exit, killed
-from backend.executors.gpus import detect_gpus
+import kdlab
+from kdlab.backend.executors.base import Executor, Launch, ProcessStatus, describe_exit, killed
+from kdlab.backend.executors.gpus import detect_gpus
 
 __all__ = [
     "ExecutorId",
@@ -45,7 +45,8 @@ __all__ = [
     "killed",
 ]
 
-PROJECT_ROOT = Path(backend.__file__).resolve().parent.parent
+# the folder that holds the `kdlab` package (the repository, or site-packages)
+PROJECT_ROOT = Path(kdlab.__file__).parent.parent
 # never handed to a worker: it talks to the API with its own run-scoped token
 PRIVATE_ENV = ("KDLAB_TOKEN", "KDLAB_DATABASE_URL")
 
@@ -242,7 +243,7 @@ class LocalExecutor(Executor):
         # numeric ids (an operator's CUDA_VISIBLE_DEVICES) count in nvidia-smi's order, not
         # CUDA's default fastest-first one; UUIDs mean the same device either way
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        # `python -m worker.run` imports this project even where it is not installed
+        # `python -m kdlab.worker.run` imports this project even where it is not installed
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if str(PROJECT_ROOT) not in paths:
             paths.append(str(PROJECT_ROOT))

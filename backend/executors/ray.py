@@ -1,6 +1,6 @@
 """`RayExecutor`: each run attempt is one Ray job (the Ray Jobs API over the dashboard's HTTP).
 
-Ray schedules the job's entrypoint (`python -m worker.run ...`) onto a node with the GPUs it asks
+Ray schedules the job's entrypoint (`python -m kdlab.worker.run ...`) onto a node with the GPUs it asks
 for (`entrypoint_num_gpus`) and sets `CUDA_VISIBLE_DEVICES` there; the worker reports to the
 backend over HTTP exactly as under the local executor. Ray is optional: `pip install kdlab[ray]`.
 
@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from backend.executors.base import Executor, Launch, ProcessStatus, describe_exit
+from kdlab.backend.executors.base import Executor, Launch, ProcessStatus, describe_exit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

@@ -2,7 +2,7 @@
 
 `MlflowMirror(settings, session_factory).start()` runs a daemon thread that calls `drain_once()`
 every `interval` seconds; `.stop()` ends it. Nothing in the app waits on MLflow: requests only
-write outbox rows (`backend.mlflow.hooks`, on the app's sessionmaker), in their own transactions.
+write outbox rows (`kdlab.backend.mlflow.hooks`, on the app's sessionmaker), in their own transactions.
 
 One job per module:
 
@@ -37,7 +37,7 @@ What a KD Lab run becomes in MLflow
   cancelled → KILLED (terminal ones with `set_terminated`, end time = the run's `finished_at`).
 - metrics: `log_batch` in chunks of ≤ 1,000, timestamp = the point's wall time in ms, step =
   the point's step. MLflow refuses `~` in names, so `train/kd/fc~fc` is logged as
-  `train/kd/fc-to-fc` (`backend.mlflow.format.mlflow_key`).
+  `train/kd/fc-to-fc` (`kdlab.backend.mlflow.format.mlflow_key`).
 - the exported student, as an MLflow model directory `student/` in the run's artifacts:
   `student.safetensors` (the file `kd.save` wrote, sha256 checked) and an `MLmodel` file written
   with `mlflow.models.Model` carrying the signature (input: `[-1, *input_shape]` of the run's
@@ -81,9 +81,9 @@ process and, by hand, through `mlflow server --artifacts-destination` (REST, pro
 kept (its pending outbox rows are deleted with it).
 """
 
-from backend.mlflow.drain import MlflowMirror
-from backend.mlflow.format import STATUS_MAP
-from backend.mlflow.rows import Rejected
-from backend.mlflow.store import mlflow_run_url
+from kdlab.backend.mlflow.drain import MlflowMirror
+from kdlab.backend.mlflow.format import STATUS_MAP
+from kdlab.backend.mlflow.rows import Rejected
+from kdlab.backend.mlflow.store import mlflow_run_url
 
 __all__ = ["STATUS_MAP", "MlflowMirror", "Rejected", "mlflow_run_url"]

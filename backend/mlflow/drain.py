@@ -1,10 +1,10 @@
 """The drain loop: `MlflowMirror(settings, session_factory).start()` runs a daemon thread that
 calls `drain_once()` every `interval` seconds; `.stop()` ends it. Rows are processed in id order
-by the writer of their kind (`backend.mlflow.writers`); the first error stops the round (that
+by the writer of their kind (`kdlab.backend.mlflow.writers`); the first error stops the round (that
 row's `attempts` and `last_error` are updated and it is retried next round, the thread backing
 off exponentially up to a minute). A row MLflow refuses as the request's fault is given up after
 `MAX_REJECTIONS` attempts. A round runs under a PostgreSQL advisory lock (SQLite: an flock next
-to the database), so two mirrors on one database take turns. See `backend.mlflow`.
+to the database), so two mirrors on one database take turns. See `kdlab.backend.mlflow`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from sqlalchemy import Engine, Table, delete, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import MlflowOutbox, utcnow
-from backend.mlflow import format as fmt
-from backend.mlflow import hooks, model, writers
-from backend.mlflow.dedup import MetricDedup
-from backend.mlflow.rows import OutboxRow, Rejected
-from backend.mlflow.store import SKIP, RunStore
-from backend.settings import Settings
+from kdlab.backend.db.models import MlflowOutbox, utcnow
+from kdlab.backend.mlflow import format as fmt
+from kdlab.backend.mlflow import hooks, model, writers
+from kdlab.backend.mlflow.dedup import MetricDedup
+from kdlab.backend.mlflow.rows import OutboxRow, Rejected
+from kdlab.backend.mlflow.store import SKIP, RunStore
+from kdlab.backend.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -95,7 +95,7 @@ class MlflowMirror:
         return self.store.client
 
     def signature(self, config: dict[str, Any]) -> ModelSignature | None:
-        """The student model's signature for a run config (`backend.mlflow.model.signature`)."""
+        """The student model's signature for a run config (`kdlab.backend.mlflow.model.signature`)."""
         return model.signature(self.settings, config)
 
     def _engine(self) -> Engine:

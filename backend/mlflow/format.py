@@ -1,7 +1,7 @@
 """What a KD Lab run becomes in MLflow, as pure functions of its values: params (the flattened
 config), tags (kind, status, the KD conventions of the config, each pair loss's formula), names
 MLflow accepts, and the outbox payloads (`run_created_payload` etc.) that the hooks
-(`backend.mlflow.hooks`) queue and the mirror rebuilds when it re-creates an MLflow run.
+(`kdlab.backend.mlflow.hooks`) queue and the mirror rebuilds when it re-creates an MLflow run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from backend.db.models import Artifact, Run
+from kdlab.backend.db.models import Artifact, Run
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _loss_class(name: str) -> type[Any] | None:
     """The engine's loss class registered as `name` (None for a name it does not know, such as
     an external run's)."""
     try:
-        from worker.kd.losses import LOSSES
+        from kdlab.worker.kd.losses import LOSSES
 
         return LOSSES[name]
     except Exception:
@@ -112,7 +112,7 @@ def _loss_defaults(name: str) -> dict[str, Any]:
     cls = _loss_class(name)
     if cls is None:  # an unknown loss name (external runs) has no defaults
         return {}
-    from worker.kd.losses import loss_parameters
+    from kdlab.worker.kd.losses import loss_parameters
 
     return {
         p.name: p.default for p in loss_parameters(cls) if p.default is not inspect.Parameter.empty

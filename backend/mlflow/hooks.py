@@ -1,6 +1,6 @@
 """How work gets into the MLflow outbox without the other services knowing about MLflow.
 
-The mirror (`backend.mlflow.drain`) drains the `mlflow_outbox` table; this module fills it, always
+The mirror (`kdlab.backend.mlflow.drain`) drains the `mlflow_outbox` table; this module fills it, always
 inside the transaction that made the change, so an outbox row exists if and only if the change
 committed:
 
@@ -26,7 +26,7 @@ committed:
   ingest path writes points with raw SQL, which no ORM hook sees): one outbox row per batch,
   holding each key's step range (the mirror reads the values from the `metrics` table).
 
-The payloads are built by `backend.mlflow.format`.
+The payloads are built by `kdlab.backend.mlflow.format`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from sqlalchemy import Table, event, insert, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction, sessionmaker
 
-from backend.db.models import Artifact, Experiment, MlflowOutbox, Run, utcnow
-from backend.mlflow.format import run_created_payload, run_updated_payload, student_payload
+from kdlab.backend.db.models import Artifact, Experiment, MlflowOutbox, Run, utcnow
+from kdlab.backend.mlflow.format import run_created_payload, run_updated_payload, student_payload
 
 OUTBOX = cast(Table, MlflowOutbox.__table__)
 RUNS = cast(Table, Run.__table__)

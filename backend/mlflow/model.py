@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backend.settings import Settings
-from worker.names import STUDENT_FILE
+from kdlab.backend.settings import Settings
+from kdlab.worker.names import STUDENT_FILE
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -41,9 +41,9 @@ def signature(settings: Settings, config: dict[str, Any]) -> ModelSignature | No
     if not isinstance(dataset, dict):
         return None
     try:
-        from backend.services.validation import data_root
-        from worker import catalog
-        from worker.config import DatasetSpec
+        from kdlab.backend.services.validation import data_root
+        from kdlab.worker import catalog
+        from kdlab.worker.config import DatasetSpec
 
         spec = DatasetSpec.model_validate(dataset)
         info = catalog.dataset_info(spec, int(config.get("seed", 0)), data_root(settings))
@@ -83,7 +83,7 @@ def write_mlmodel(
         "dataset": config.get("dataset"),
         "kdlab_run_id": run_id,
         "load": (
-            "from worker import catalog, kd; from worker.config import ModelSpec; "
+            "from kdlab.worker import catalog, kd; from kdlab.worker.config import ModelSpec; "
             "student = kd.restore(catalog.build_model(ModelSpec(**model), info), weights)"
         ),
     }

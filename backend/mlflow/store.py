@@ -14,10 +14,10 @@ from sqlalchemy import Table, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import Run
-from backend.mlflow import format as fmt
-from backend.mlflow.hooks import SKIP_OPTION
-from backend.settings import Settings
+from kdlab.backend.db.models import Run
+from kdlab.backend.mlflow import format as fmt
+from kdlab.backend.mlflow.hooks import SKIP_OPTION
+from kdlab.backend.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,7 +109,7 @@ class RunStore:
             root = Path(url.database).expanduser().resolve().parent / "mlartifacts"
         else:
             root = self.settings.data_path / "mlartifacts"
-        from backend.services.artifacts import safe_filename
+        from kdlab.backend.services.artifacts import safe_filename
 
         return (root / safe_filename(experiment)).as_uri()
 
@@ -247,9 +247,9 @@ class RunStore:
 
     def formula_tags(self, run_id: str) -> dict[str, str]:
         """`kd.pair.<i>.formula` from the metadata the worker logged for the run so far (the
-        `metadata {...}` log lines, `backend.services.run_views.metadata`); empty until the
+        `metadata {...}` log lines, `kdlab.backend.services.run_views.metadata`); empty until the
         trainer logged its loss."""
-        from backend.services.run_views import metadata
+        from kdlab.backend.services.run_views import metadata
 
         with self.factory() as session:
             logged = metadata(session, run_id)

@@ -12,12 +12,12 @@ from typing import Any, cast
 
 from sqlalchemy import Table, and_, or_, select
 
-from backend.db.models import Artifact, Metric
-from backend.mlflow import format as fmt
-from backend.mlflow import hooks, model
-from backend.mlflow.dedup import MetricDedup, Points
-from backend.mlflow.rows import OutboxRow, Rejected
-from backend.mlflow.store import RunStore, chunks
+from kdlab.backend.db.models import Artifact, Metric
+from kdlab.backend.mlflow import format as fmt
+from kdlab.backend.mlflow import hooks, model
+from kdlab.backend.mlflow.dedup import MetricDedup, Points
+from kdlab.backend.mlflow.rows import OutboxRow, Rejected
+from kdlab.backend.mlflow.store import RunStore, chunks
 
 METRICS = cast(Table, Metric.__table__)
 METRIC_CHUNK = 1000  # MLflow's limit per log_batch
@@ -107,9 +107,9 @@ def _current_artifact(store: RunStore, artifact_id: Any) -> tuple[str, str, str]
 
 
 def student(store: RunStore, _dedup: MetricDedup, row: OutboxRow) -> dict[str, Any] | None:
-    """The exported student as the MLflow model directory `student/` (`backend.mlflow.model`),
+    """The exported student as the MLflow model directory `student/` (`kdlab.backend.mlflow.model`),
     unless a later upload superseded it."""
-    from backend.services import storage
+    from kdlab.backend.services import storage
 
     payload = row.payload
     try:

@@ -10,15 +10,15 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from backend.api.deps import SessionDep
-from backend.errors import NotFound
-from backend.pages.security import verify_csrf
-from backend.pages.templating import render
-from backend.schemas.metrics import split_list
-from backend.schemas.runs import ACTIVE
-from backend.services import metrics as metric_service
-from backend.services import runs as service
-from backend.services.dispatch import DEMO_EXPERIMENT
+from kdlab.backend.api.deps import SessionDep
+from kdlab.backend.errors import NotFound
+from kdlab.backend.pages.security import verify_csrf
+from kdlab.backend.pages.templating import render
+from kdlab.backend.schemas.metrics import split_list
+from kdlab.backend.schemas.runs import ACTIVE
+from kdlab.backend.services import metrics as metric_service
+from kdlab.backend.services import runs as service
+from kdlab.backend.services.dispatch import DEMO_EXPERIMENT
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from backend.api.deps import PrincipalDep
-from backend.pages.security import CSP
-from backend.pages.templating import render
+from kdlab.backend.api.deps import PrincipalDep
+from kdlab.backend.pages.security import CSP
+from kdlab.backend.pages.templating import render
 
 router = APIRouter(include_in_schema=False)
 

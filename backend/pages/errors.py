@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.responses import Response
 
-from backend.pages.templating import is_fragment_request, render
+from kdlab.backend.pages.templating import is_fragment_request, render
 
 TITLES = {
     400: "That request was not understood",

@@ -14,14 +14,14 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
-from backend.api.deps import SessionDep, SettingsDep
-from backend.api.uploads import receive_upload
-from backend.errors import Invalid
-from backend.pages.launch_context import DEFAULT_DRAFT, apply_action, form_context
-from backend.pages.security import verify_csrf
-from backend.pages.templating import is_fragment_request, render
-from backend.services import form_codec, recipes
-from backend.services import runs as service
+from kdlab.backend.api.deps import SessionDep, SettingsDep
+from kdlab.backend.api.uploads import receive_upload
+from kdlab.backend.errors import Invalid
+from kdlab.backend.pages.launch_context import DEFAULT_DRAFT, apply_action, form_context
+from kdlab.backend.pages.security import verify_csrf
+from kdlab.backend.pages.templating import is_fragment_request, render
+from kdlab.backend.services import form_codec, recipes
+from kdlab.backend.services import runs as service
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 

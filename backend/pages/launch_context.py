@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from backend.errors import ServiceError
-from backend.schemas.catalog import Catalog
-from backend.schemas.runs import ValidationReport
-from backend.services import catalog as catalog_service
-from backend.services import run_views
-from backend.services import runs as run_service
-from backend.services import uploads as upload_service
-from backend.services.launch_form import (
+from kdlab.backend.errors import ServiceError
+from kdlab.backend.schemas.catalog import Catalog
+from kdlab.backend.schemas.runs import ValidationReport
+from kdlab.backend.services import catalog as catalog_service
+from kdlab.backend.services import run_views
+from kdlab.backend.services import runs as run_service
+from kdlab.backend.services import uploads as upload_service
+from kdlab.backend.services.launch_form import (
     CATALOG_NAMES,
     FormField,
     LayerChoice,
@@ -29,10 +29,10 @@ from backend.services.launch_form import (
     object_fields,
     params_fields,
 )
-from backend.services.validation import data_root
-from backend.settings import Settings
-from worker.config import balancer_params_schema
-from worker.kd.loss_balancers import BALANCERS
+from kdlab.backend.services.validation import data_root
+from kdlab.backend.settings import Settings
+from kdlab.worker.config import balancer_params_schema
+from kdlab.worker.kd.loss_balancers import BALANCERS
 
 DEFAULT_DRAFT: dict[str, Any] = {
     "name": "my-distill-run",

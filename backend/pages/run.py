@@ -14,20 +14,20 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response, StreamingResponse
 
-from backend.api.deps import SessionDep, SettingsDep
-from backend.errors import NotFound
-from backend.pages.security import verify_csrf
-from backend.pages.streams import POLL_SECONDS, event_stream, linger
-from backend.pages.templating import is_fragment_request, render, shared_context, templates
-from backend.schemas.runs import FINISHED, RunOut
-from backend.services import artifacts as artifact_service
-from backend.services import metrics as metric_service
-from backend.services import run_views
-from backend.services import runs as service
-from backend.services.auth import ADMIN
-from backend.services.live import SUCCEEDED, Subscription, watcher_of
-from backend.services.run_events import sse_message
-from worker.kd.distillation_model import pair_key
+from kdlab.backend.api.deps import SessionDep, SettingsDep
+from kdlab.backend.errors import NotFound
+from kdlab.backend.pages.security import verify_csrf
+from kdlab.backend.pages.streams import POLL_SECONDS, event_stream, linger
+from kdlab.backend.pages.templating import is_fragment_request, render, shared_context, templates
+from kdlab.backend.schemas.runs import FINISHED, RunOut
+from kdlab.backend.services import artifacts as artifact_service
+from kdlab.backend.services import metrics as metric_service
+from kdlab.backend.services import run_views
+from kdlab.backend.services import runs as service
+from kdlab.backend.services.auth import ADMIN
+from kdlab.backend.services.live import SUCCEEDED, Subscription, watcher_of
+from kdlab.backend.services.run_events import sse_message
+from kdlab.worker.kd.distillation_model import pair_key
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
@@ -174,7 +174,7 @@ def _head_or_page(request: Request, session: Session, run_id: str) -> Response:
 def _read_live(
     factory: sessionmaker[Session], run_id: str, after_id: int, watched: tuple[str, ...]
 ) -> tuple[dict[str, Any], list[tuple[int, str]], dict[str, Any]]:
-    """One short session: the signals of `watched` (first: see `backend.services.live`), the
+    """One short session: the signals of `watched` (first: see `kdlab.backend.services.live`), the
     head's context (its rows kept loaded for renders after the session) and the log lines after
     `after_id`."""
     with factory() as session:

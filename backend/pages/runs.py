@@ -13,19 +13,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import Response, StreamingResponse
 
-from backend.api.deps import RunFiltersDep, SessionDep
-from backend.db.models import Experiment, Run, utcnow
-from backend.errors import Invalid
-from backend.pages.compare import demo_view
-from backend.pages.security import verify_csrf
-from backend.pages.streams import POLL_SECONDS, event_stream, linger
-from backend.pages.templating import render, templates
-from backend.services import live, run_views
-from backend.services import runs as service
-from backend.services.dispatch import DEMO_EXPERIMENT
-from backend.services.live import Subscription
-from backend.services.run_events import sse_message
-from worker.names import RUN_STATUSES
+from kdlab.backend.api.deps import RunFiltersDep, SessionDep
+from kdlab.backend.db.models import Experiment, Run, utcnow
+from kdlab.backend.errors import Invalid
+from kdlab.backend.pages.compare import demo_view
+from kdlab.backend.pages.security import verify_csrf
+from kdlab.backend.pages.streams import POLL_SECONDS, event_stream, linger
+from kdlab.backend.pages.templating import render, templates
+from kdlab.backend.services import live, run_views
+from kdlab.backend.services import runs as service
+from kdlab.backend.services.dispatch import DEMO_EXPERIMENT
+from kdlab.backend.services.live import Subscription
+from kdlab.backend.services.run_events import sse_message
+from kdlab.worker.names import RUN_STATUSES
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
 
@@ -95,7 +95,7 @@ def runs_page(
 def _live_rows(
     factory: sessionmaker[Session], ids: list[str], watched: tuple[str, ...]
 ) -> tuple[list[run_views.RunSummary], dict[str, Any]]:
-    """One short session: the signals of `watched` (first: see `backend.services.live`) and
+    """One short session: the signals of `watched` (first: see `kdlab.backend.services.live`) and
     the table rows of `ids`."""
     with factory() as session:
         signals = Subscription.read(session, watched)

@@ -5,7 +5,7 @@ The gate resolves the browser session of each request (`request.state.browser`):
 open-access server (loopback, no token) every browser gets a session on its first visit; with
 a token, pages need one from the sign-in page, and a request without it is sent there
 (htmx: `HX-Redirect`). CSRF is checked where state changes: `verify_csrf` on the page routers
-and `backend.api.deps.get_principal` for cookie-authenticated API calls.
+and `kdlab.backend.api.deps.get_principal` for cookie-authenticated API calls.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.errors import Forbidden
-from backend.origin_guard import UNSAFE_METHODS, RequestGuard
-from backend.services import sessions
-from backend.settings import Settings
+from kdlab.backend.errors import Forbidden
+from kdlab.backend.origin_guard import UNSAFE_METHODS, RequestGuard
+from kdlab.backend.services import sessions
+from kdlab.backend.settings import Settings
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

@@ -8,11 +8,11 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
-from backend.api.deps import SessionDep, SettingsDep
-from backend.errors import Forbidden, Unauthorized
-from backend.pages.security import set_session_cookie, verify_csrf
-from backend.pages.templating import render
-from backend.services import sessions
+from kdlab.backend.api.deps import SessionDep, SettingsDep
+from kdlab.backend.errors import Forbidden, Unauthorized
+from kdlab.backend.pages.security import set_session_cookie, verify_csrf
+from kdlab.backend.pages.templating import render
+from kdlab.backend.services import sessions
 
 router = APIRouter(include_in_schema=False)
 

@@ -1,5 +1,5 @@
 """What the pages' server-sent event streams share: each is an async generator woken by the
-app's live watcher (`backend.services.live`), never a poll of its own."""
+app's live watcher (`kdlab.backend.services.live`), never a poll of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
-from backend.services.live import LiveResponse
+from kdlab.backend.services.live import LiveResponse
 
 POLL_SECONDS = 1.0  # a running run's duration ticks this often (re-rendered, not re-read)
 LINGER_SECONDS = 10.0
@@ -26,5 +26,5 @@ async def linger(request: Request) -> None:
 
 def event_stream(request: Request, events: AsyncIterator[str]) -> StreamingResponse:
     """The response of a page's stream: it holds one of the browser session's stream slots
-    while open (`backend.services.live.LiveResponse`)."""
+    while open (`kdlab.backend.services.live.LiveResponse`)."""
     return LiveResponse(request, events)

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.config import ExperimentName, JsonObject, RunName
-from worker.names import ACTIVE_STATUSES, FINISHED_STATUSES, RunStatus
+from kdlab.worker.config import ExperimentName, JsonObject, RunName
+from kdlab.worker.names import ACTIVE_STATUSES, FINISHED_STATUSES, RunStatus
 
 # the service's names for the statuses, kept as aliases of their one home (worker/names.py)
 FINISHED = FINISHED_STATUSES
@@ -108,7 +108,7 @@ class PairReport(BaseModel):
 
 
 class MemoryEstimate(BaseModel):
-    """Bytes per GPU for one training step (see `backend.services.validation.estimate_memory`)."""
+    """Bytes per GPU for one training step (see `kdlab.backend.services.validation.estimate_memory`)."""
 
     per_gpu_bytes: int
     parameters: int

@@ -21,13 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from backend.db.models import Artifact, Run, utcnow
-from backend.errors import Conflict, Invalid, NotFound
-from backend.schemas.runs import FINISHED
-from backend.services import storage
-from backend.services.auth import Principal
-from backend.settings import Settings
-from worker.names import STUDENT_FILE
+from kdlab.backend.db.models import Artifact, Run, utcnow
+from kdlab.backend.errors import Conflict, Invalid, NotFound
+from kdlab.backend.schemas.runs import FINISHED
+from kdlab.backend.services import storage
+from kdlab.backend.services.auth import Principal
+from kdlab.backend.settings import Settings
+from kdlab.worker.names import STUDENT_FILE
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _NAME = re.compile(NAME_PATTERN)
@@ -35,7 +35,7 @@ KINDS = ("student", "checkpoint", "log", "file")
 STUDENT_NAME = STUDENT_FILE
 STUDENT_FORMATS = ("safetensors", "pt")
 PT_METADATA_KEY = "kdlab_metadata"
-SAFETENSORS_METADATA_KEY = "kdlab"  # worker.kd.serialization.METADATA_KEY
+SAFETENSORS_METADATA_KEY = "kdlab"  # kdlab.worker.kd.serialization.METADATA_KEY
 
 
 @dataclass(frozen=True)

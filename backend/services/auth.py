@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from backend.db.models import ApiToken, Run, utcnow
-from backend.errors import Forbidden, Unauthorized
-from backend.schemas.runs import FINISHED
-from backend.settings import Settings
-from worker.names import RUN_FINISHED_DETAIL
+from kdlab.backend.db.models import ApiToken, Run, utcnow
+from kdlab.backend.errors import Forbidden, Unauthorized
+from kdlab.backend.schemas.runs import FINISHED
+from kdlab.backend.settings import Settings
+from kdlab.worker.names import RUN_FINISHED_DETAIL
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,9 @@ def authenticate(session: Session, settings: Settings, header: str | None) -> Pr
     return Principal(row.scope, row.run_id)
 
 
-RUN_FINISHED = RUN_FINISHED_DETAIL  # worker.client recognises it; its one home is worker.names
+RUN_FINISHED = (
+    RUN_FINISHED_DETAIL  # kdlab.worker.client recognises it; its one home is kdlab.worker.names
+)
 
 
 def _run_finished(session: Session, run_id: str | None) -> bool:

@@ -1,6 +1,6 @@
 """The catalog as the API serves it, and layer trees (output shapes).
 
-The probes themselves are the worker's dry run (`worker.dry_run.probe_model`: meta device, then
+The probes themselves are the worker's dry run (`kdlab.worker.dry_run.probe_model`: meta device, then
 fake tensors, then one CPU forward); this module maps its answers to JSON and HTTP errors.
 """
 
@@ -13,15 +13,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backend.errors import Invalid, NotFound
-from backend.json_depth import too_deep, too_deep_error
-from backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossParam
-from worker import catalog
-from worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
-from worker.dry_run import PROBE_TIME_LIMIT_S, build_error, probe_model
-from worker.kd.loss_balancers import BALANCERS
-from worker.kd.losses import LOSSES, KDLoss, loss_parameters
-from worker.kd.probe import Deadline
+from kdlab.backend.errors import Invalid, NotFound
+from kdlab.backend.json_depth import too_deep, too_deep_error
+from kdlab.backend.schemas.catalog import Catalog, CatalogItem, Layer, LossItem, LossParam
+from kdlab.worker import catalog
+from kdlab.worker.config import DatasetSpec, ModelSpec, run_config_json_schema, unknown_name
+from kdlab.worker.dry_run import PROBE_TIME_LIMIT_S, build_error, probe_model
+from kdlab.worker.kd.loss_balancers import BALANCERS
+from kdlab.worker.kd.losses import LOSSES, KDLoss, loss_parameters
+from kdlab.worker.kd.probe import Deadline
 
 Loc = list[str | int]
 

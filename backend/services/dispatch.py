@@ -1,8 +1,8 @@
-"""Dispatch bookkeeping in the database, for the supervisor (`backend.supervisor`).
+"""Dispatch bookkeeping in the database, for the supervisor (`kdlab.backend.supervisor`).
 
 Each function is one short transaction on a session the caller opens and closes around it
 (never across a sleep or a subprocess wait), and every status change goes through
-`backend.services.runs.set_status`.
+`kdlab.backend.services.runs.set_status`.
 
 - `claim_next`: the oldest queued run that fits a free slot becomes `starting`, its attempt
   counter goes up and it gets a fresh run-scoped token. Atomic: on SQLite every transaction is
@@ -28,12 +28,12 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from backend.db.models import ApiToken, Experiment, Run, RunEvent, utcnow
-from backend.errors import NotFound
-from backend.schemas.runs import FINISHED, RunOut
-from backend.services.auth import create_token
-from backend.services.runs import create_run, get_run, set_status
-from backend.settings import Settings
+from kdlab.backend.db.models import ApiToken, Experiment, Run, RunEvent, utcnow
+from kdlab.backend.errors import NotFound
+from kdlab.backend.schemas.runs import FINISHED, RunOut
+from kdlab.backend.services.auth import create_token
+from kdlab.backend.services.runs import create_run, get_run, set_status
+from kdlab.backend.settings import Settings
 
 DISPATCHED = ("starting", "running")
 MAX_EVENT_CHARS = 10_000

@@ -13,7 +13,7 @@ for a run that logs in order). Empty buckets are left out. A series with at most
 returned unchanged (min = max = value). Nothing but the ≤ n bucket rows leaves the database.
 
 For x = step, when the range spans at least one 64-step block per bucket, the buckets are read
-from the roll-up table (`backend.services.rollups`) instead of the points: each bucket is then a
+from the roll-up table (`kdlab.backend.services.rollups`) instead of the points: each bucket is then a
 whole number of blocks (its edges snap to multiples of 64 steps) and min/max stay exact.
 """
 
@@ -38,9 +38,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from backend.db.models import Metric
-from backend.schemas.metrics import SeriesOut, XAxis
-from backend.services import rollups
+from kdlab.backend.db.models import Metric
+from kdlab.backend.schemas.metrics import SeriesOut, XAxis
+from kdlab.backend.services import rollups
 
 _m = Metric.__table__.c
 # (hi - lo) * n must stay inside a signed 64-bit integer for the exact integer bucket

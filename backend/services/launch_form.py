@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.schemas.catalog import Catalog, Layer, LossItem
-from backend.services.form_codec import Loc, field_id
+from kdlab.backend.schemas.catalog import Catalog, Layer, LossItem
+from kdlab.backend.services.form_codec import Loc, field_id
 
 # Changing one of these re-renders the form (other fields depend on it).
 STRUCTURAL = {

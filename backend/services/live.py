@@ -39,8 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backend.db.models import Artifact, Metric, Run, RunEvent
-from backend.services.auth import hash_token
+from kdlab.backend.db.models import Artifact, Metric, Run, RunEvent
+from kdlab.backend.services.auth import hash_token
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ POLL_SECONDS = 0.5
 RETRY_AFTER_SECONDS = 5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # the metric keys whose newest step the pages' live cells depend on (progress, best accuracy
-# and teacher accuracy: backend.services.run_views.STEP_KEY, ACC_KEY, TEACHER_ACC_KEY)
+# and teacher accuracy: kdlab.backend.services.run_views.STEP_KEY, ACC_KEY, TEACHER_ACC_KEY)
 WATCHED_METRICS = ("train/loss_total", "eval/student_acc", "eval/teacher_acc")
 SUCCEEDED = "*succeeded"  # a pseudo run id: the set of succeeded runs (a distill run's baseline)
 CHUNK = 500  # run ids per IN (...) list

@@ -20,14 +20,14 @@ from sqlalchemy import BigInteger, Float, String, Table, and_, bindparam, func, 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from backend.db.models import Metric, Run
-from backend.errors import Conflict, Invalid, NotFound, PayloadTooLarge
-from backend.mlflow.hooks import enqueue_metrics
-from backend.schemas.metrics import MetricKeyOut, MetricPointIn, SeriesOut
-from backend.schemas.runs import FINISHED
-from backend.services import rollups
-from backend.services.downsample import Window, downsample
-from backend.settings import Settings
+from kdlab.backend.db.models import Metric, Run
+from kdlab.backend.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from kdlab.backend.mlflow.hooks import enqueue_metrics
+from kdlab.backend.schemas.metrics import MetricKeyOut, MetricPointIn, SeriesOut
+from kdlab.backend.schemas.runs import FINISHED
+from kdlab.backend.services import rollups
+from kdlab.backend.services.downsample import Window, downsample
+from kdlab.backend.settings import Settings
 
 INSERT_CHUNK = 5_000  # rows per statement (PostgreSQL) or executemany (SQLite); one transaction
 MAX_REPORTED_ERRORS = 20  # a batch full of NaN gets a readable answer, not 50k lines

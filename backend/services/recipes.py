@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 from sqlalchemy.orm import Session
 
-from backend.errors import NotFound
-from backend.schemas.runs import RunOut
-from backend.services import run_views
+from kdlab.backend.errors import NotFound
+from kdlab.backend.schemas.runs import RunOut
+from kdlab.backend.services import run_views
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "frontend" / "recipes"
 

@@ -13,7 +13,7 @@ from sqlalchemy import BigInteger, Table, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from backend.db.models import Metric, MetricRollup
+from kdlab.backend.db.models import Metric, MetricRollup
 
 ROLLUP_WIDTH = 64
 MAX_STEP = 2**63 - 1  # steps are signed 64-bit integers

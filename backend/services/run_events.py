@@ -13,12 +13,14 @@ import anyio
 import anyio.to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import Run
-from backend.schemas.runs import FINISHED, RunOut
-from backend.services.runs import read_log_events, run_out
+from kdlab.backend.db.models import Run
+from kdlab.backend.schemas.runs import FINISHED, RunOut
+from kdlab.backend.services.runs import read_log_events, run_out
 
-if TYPE_CHECKING:  # backend.services.live imports run_views, which imports backend.services.runs
-    from backend.services.live import LiveWatcher, Subscription
+if (
+    TYPE_CHECKING
+):  # kdlab.backend.services.live imports run_views, which imports kdlab.backend.services.runs
+    from kdlab.backend.services.live import LiveWatcher, Subscription
 
 STREAM_BATCH = 1000  # log lines one read sends after a Last-Event-ID
 
@@ -50,7 +52,7 @@ def _read_events(
     after_id: int | None,
     initial_tail: int,
 ) -> tuple[RunOut | None, list[tuple[int, str]], dict[str, Any]]:
-    """One short session: the run's signal (first: see `backend.services.live`), its view, and
+    """One short session: the run's signal (first: see `kdlab.backend.services.live`), its view, and
     its log lines (the last `initial_tail`, or up to STREAM_BATCH after `after_id`)."""
     with factory() as session:
         signals = subscription.read(session, [run_id]) if subscription is not None else {}

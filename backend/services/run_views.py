@@ -16,15 +16,15 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Experiment, Metric, Run, RunEvent, utcnow
-from backend.schemas.runs import ACTIVE, RunOut
-from backend.services.runs import run_out
-from worker.names import METADATA_LOG_PREFIX
+from kdlab.backend.db.models import Experiment, Metric, Run, RunEvent, utcnow
+from kdlab.backend.schemas.runs import ACTIVE, RunOut
+from kdlab.backend.services.runs import run_out
+from kdlab.worker.names import METADATA_LOG_PREFIX
 
 STEP_KEY = "train/loss_total"  # logged every `log_every` steps by every trainer run
 ACC_KEY = "eval/student_acc"
 TEACHER_ACC_KEY = "eval/teacher_acc"
-METADATA_PREFIX = METADATA_LOG_PREFIX  # the worker's metadata log lines (worker.http_sink)
+METADATA_PREFIX = METADATA_LOG_PREFIX  # the worker's metadata log lines (kdlab.worker.http_sink)
 
 
 @dataclass(frozen=True)

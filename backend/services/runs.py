@@ -1,8 +1,8 @@
 """Runs: create (validated or external), list, read, cancel, clone, delete, logs (live events:
-`backend.services.run_events`).
+`kdlab.backend.services.run_events`).
 
 Every function takes the request's session and commits what it changes; none holds a database
-transaction open while models are probed (see `backend.services.validation`).
+transaction open while models are probed (see `kdlab.backend.services.validation`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from backend.db.models import Experiment, Run, RunEvent, utcnow
-from backend.errors import Conflict, Invalid, NotFound
-from backend.schemas.runs import (
+from kdlab.backend.db.models import Experiment, Run, RunEvent, utcnow
+from kdlab.backend.errors import Conflict, Invalid, NotFound
+from kdlab.backend.schemas.runs import (
     FINISHED,
     ExternalRunCreate,
     ExternalRunCreated,
@@ -27,13 +27,13 @@ from backend.schemas.runs import (
     StatusReport,
     ValidationReport,
 )
-from backend.services.artifacts import remove_run_files
-from backend.services.auth import create_token, revoke_run_tokens
-from backend.services.catalog import pydantic_errors
-from backend.services.validation import CheckedConfig, check_config
-from backend.settings import Settings
-from worker.dry_run import loss_formula_text
-from worker.names import RunStatus
+from kdlab.backend.services.artifacts import remove_run_files
+from kdlab.backend.services.auth import create_token, revoke_run_tokens
+from kdlab.backend.services.catalog import pydantic_errors
+from kdlab.backend.services.validation import CheckedConfig, check_config
+from kdlab.backend.settings import Settings
+from kdlab.worker.dry_run import loss_formula_text
+from kdlab.worker.names import RunStatus
 
 LOG_KINDS = ("log", "error")
 MAX_LINE_CHARS = 10_000
@@ -287,7 +287,7 @@ def set_status(session: Session, run: Run, new_status: str, error: str | None = 
     - `running`: sets `started_at` on the first start (a resumed attempt keeps it);
       `queued` (requeue): clears `heartbeat_at`; a finished status sets `finished_at`.
     - A finished status revokes the run's run-scoped tokens (same transaction): its worker
-      must send everything before it reports the outcome (`worker.run`).
+      must send everything before it reports the outcome (`kdlab.worker.run`).
     - `error`: stored when given; `succeeded` clears any earlier attempt's error.
     - Adds a `RunEvent(kind="status", message=new_status)` (the SSE stream shows it).
     - Does NOT commit: the caller commits (so it can bundle its own changes, e.g. the attempt

@@ -26,10 +26,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.db.models import ApiToken
-from backend.errors import Unauthorized
-from backend.services.auth import authenticate, hash_token
-from backend.settings import Settings
+from kdlab.backend.db.models import ApiToken
+from kdlab.backend.errors import Unauthorized
+from kdlab.backend.services.auth import authenticate, hash_token
+from kdlab.backend.settings import Settings
 
 COOKIE_NAME = "kdlab_session"
 CSRF_HEADER = "x-csrf-token"

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 
-from backend.errors import PayloadTooLarge
+from kdlab.backend.errors import PayloadTooLarge
 
 TEMP_PREFIX = ".tmp-"
 WRITE_SIZE = 1 << 20  # chunks are gathered to this size before a write (one thread hop each)

@@ -23,12 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from backend.db.models import Run, Upload, new_id
-from backend.errors import Invalid, NotFound
-from backend.services import storage
-from backend.services.artifacts import PT_METADATA_KEY, SAFETENSORS_METADATA_KEY, FileToSend
-from backend.services.auth import Principal
-from backend.settings import Settings
+from kdlab.backend.db.models import Run, Upload, new_id
+from kdlab.backend.errors import Invalid, NotFound
+from kdlab.backend.services import storage
+from kdlab.backend.services.artifacts import PT_METADATA_KEY, SAFETENSORS_METADATA_KEY, FileToSend
+from kdlab.backend.services.auth import Principal
+from kdlab.backend.settings import Settings
 
 if TYPE_CHECKING:
     import torch

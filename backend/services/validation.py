@@ -2,8 +2,8 @@
 
 Two stages, both answering FastAPI's 422 list (`loc` = where the error is, under `body`):
 
-1. the pydantic schema (`worker.config.RunConfig`): types, bounds, catalog/loss names;
-2. deep checks that need the models: the worker's dry run (`worker.dry_run`: the dataset's
+1. the pydantic schema (`kdlab.worker.config.RunConfig`): types, bounds, catalog/loss names;
+2. deep checks that need the models: the worker's dry run (`kdlab.worker.dry_run`: the dataset's
    DataInfo, student and teacher probed, the teacher input adapter, every pair through the
    engine's own checks), then the teacher weights (a succeeded run with a matching model and
    checkpoint, or an upload whose tensors fit the teacher), which need the database.
@@ -26,14 +26,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch import nn
 
-from backend.db.models import Artifact, Run, Upload
-from backend.errors import Invalid
-from backend.schemas.runs import MemoryEstimate, PairReport
-from backend.services.catalog import pydantic_errors
-from backend.settings import Settings
-from worker import catalog
-from worker.config import DatasetSpec, RunConfig, TeacherSpec
-from worker.dry_run import (
+from kdlab.backend.db.models import Artifact, Run, Upload
+from kdlab.backend.errors import Invalid
+from kdlab.backend.schemas.runs import MemoryEstimate, PairReport
+from kdlab.backend.services.catalog import pydantic_errors
+from kdlab.backend.settings import Settings
+from kdlab.worker import catalog
+from kdlab.worker.config import DatasetSpec, RunConfig, TeacherSpec
+from kdlab.worker.dry_run import (
     PROBE_BATCH,
     PROBE_TIME_LIMIT_S,
     CheckedPair,
@@ -43,9 +43,9 @@ from worker.dry_run import (
     shape_mismatch,
     state_shapes,
 )
-from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.serialization import header_shapes
-from worker.names import ACTIVE_STATUSES, CHECKPOINT_ARTIFACTS, DATASETS_DIR
+from kdlab.worker.kd.plugins.huggingface import unwrap_model_output
+from kdlab.worker.kd.serialization import header_shapes
+from kdlab.worker.names import ACTIVE_STATUSES, CHECKPOINT_ARTIFACTS, DATASETS_DIR
 
 Loc = list[str | int]
 

@@ -15,7 +15,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-ROLLUP_WIDTH = 64  # must equal backend.services.rollups.ROLLUP_WIDTH
+ROLLUP_WIDTH = 64  # must equal kdlab.backend.services.rollups.ROLLUP_WIDTH
 
 
 def upgrade() -> None:

@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from torch import nn
 
-from backend.db.models import Artifact
-from backend.main import create_app
-from backend.services.auth import create_token
-from backend.settings import Settings
+from kdlab.backend.db.models import Artifact
+from kdlab.backend.main import create_app
+from kdlab.backend.services.auth import create_token
+from kdlab.backend.settings import Settings
+from kdlab.worker import kd
 from tests.factories import create_run
-from worker import kd
 
 ADMIN_TOKEN = "admin-secret-for-tests"
 

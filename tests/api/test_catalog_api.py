@@ -7,10 +7,10 @@ import json
 import jsonschema
 import torch
 
-from worker import catalog
-from worker.config import ModelSpec, RunConfig
-from worker.kd.losses import LOSSES, LogitsKL
-from worker.models import MLPParams
+from kdlab.worker import catalog
+from kdlab.worker.config import ModelSpec, RunConfig
+from kdlab.worker.kd.losses import LOSSES, LogitsKL
+from kdlab.worker.models import MLPParams
 
 
 def test_catalog_lists_everything_a_config_may_name(client):
@@ -98,7 +98,7 @@ def test_layer_tree_errors(client):
 
 
 def test_probe_falls_back_to_fake_tensors_then_the_cpu(monkeypatch):
-    from worker import dry_run as service
+    from kdlab.worker import dry_run as service
 
     info = catalog.DataInfo("classification", 10, (64,), torch.float32)
     spec = ModelSpec(name="mlp", params={"hidden": [8]})

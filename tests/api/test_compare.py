@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.services.auth import create_token
+from kdlab.backend.services.auth import create_token
 from tests.factories import create_run
 
 KEY = "train/loss_total"

@@ -1,4 +1,4 @@
-from backend.db.migrate import head_revision
+from kdlab.backend.db.migrate import head_revision
 
 
 def test_health_needs_no_token_and_reports_the_schema(client):

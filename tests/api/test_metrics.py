@@ -9,8 +9,8 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from backend.db.models import Metric
-from backend.services.auth import create_token
+from kdlab.backend.db.models import Metric
+from kdlab.backend.services.auth import create_token
 from tests.factories import create_run
 
 
@@ -145,7 +145,7 @@ def test_every_non_finite_point_is_named_and_a_nan_time_is_refused_too(client, d
 
 @pytest.mark.parametrize("value", ["nan", "0.5", True, None, [1.0]])
 def test_values_must_be_json_numbers(client, db_session, value):
-    """worker.metrics.JsonlSink writes non-finite values as strings; replaying that file must not
+    """kdlab.worker.metrics.JsonlSink writes non-finite values as strings; replaying that file must not
     sneak a NaN in, nor a number in quotes."""
     run_id = _run(db_session)
     points = [{"key": "train/loss_total", "step": 0, "value": value}]

@@ -8,9 +8,9 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent
-from backend.services.live import LiveWatcher
-from backend.services.run_events import event_stream
+from kdlab.backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent
+from kdlab.backend.services.live import LiveWatcher
+from kdlab.backend.services.run_events import event_stream
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
 
 RUN_FIELDS = {

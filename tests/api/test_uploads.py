@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load, save
 from sqlalchemy import select
 
-from backend.db.models import Upload
-from backend.main import create_app
-from backend.services.auth import create_token
-from backend.settings import Settings
+from kdlab.backend.db.models import Upload
+from kdlab.backend.main import create_app
+from kdlab.backend.services.auth import create_token
+from kdlab.backend.settings import Settings
 from tests.factories import DIGITS_KD, config, create_run
 
 ADMIN_TOKEN = "admin-secret-for-tests"

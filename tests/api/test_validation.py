@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from backend.db.models import Artifact, Upload
+from kdlab.backend.db.models import Artifact, Upload
+from kdlab.worker import catalog
+from kdlab.worker.config import ModelSpec, SchedulerSpec
+from kdlab.worker.kd.losses import LogitsKL
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
-from worker import catalog
-from worker.config import ModelSpec, SchedulerSpec
-from worker.kd.losses import LogitsKL
 
 DIGITS_INFO = catalog.DataInfo("classification", 10, (64,), torch.float32)
 

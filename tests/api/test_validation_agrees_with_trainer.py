@@ -1,7 +1,7 @@
 """`POST /api/runs/validate` and the trainer agree: both accept a config, or both refuse it
 naming the same field.
 
-Each config goes through the API (in process) and through `worker.trainer.Trainer` for one
+Each config goes through the API (in process) and through `kdlab.worker.trainer.Trainer` for one
 step. A refusal is pinned by the error's location (the API's JSON path; the schema's for a
 config the trainer cannot even parse) and by words both messages must contain.
 """
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import JsonlSink
+from kdlab.worker.trainer import Trainer
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config
-from worker.config import RunConfig
-from worker.metrics import JsonlSink
-from worker.trainer import Trainer
 
 GPT2_TINY = {"name": "gpt2", "params": {"n_layer": 1, "n_head": 2, "n_embd": 16}}
 GPT2_TEACHER = {"name": "gpt2", "params": {"n_layer": 1, "n_head": 2, "n_embd": 32}}

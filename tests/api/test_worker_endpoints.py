@@ -7,10 +7,10 @@ from datetime import datetime
 import pytest
 from sqlalchemy import select
 
-from backend.db.models import Run, RunEvent
-from backend.errors import Conflict
-from backend.services.auth import create_token
-from backend.services.runs import TRANSITIONS, set_status
+from kdlab.backend.db.models import Run, RunEvent
+from kdlab.backend.errors import Conflict
+from kdlab.backend.services.auth import create_token
+from kdlab.backend.services.runs import TRANSITIONS, set_status
 from tests.factories import create_run
 
 FINGERPRINT = "ab" * 32

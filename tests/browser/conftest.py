@@ -164,7 +164,7 @@ def _start_server(
             [
                 sys.executable,
                 "-m",
-                "backend.cli",
+                "kdlab.backend.cli",
                 "serve",
                 "--port",
                 str(port),
@@ -197,7 +197,7 @@ def _start_server(
 
 def _worker_groups(run_ids: list[str]) -> list[int]:
     """Process groups of local workers still training one of these runs (started by our server:
-    `python -m worker.run --run-id <id>` in a session of its own)."""
+    `python -m kdlab.worker.run --run-id <id>` in a session of its own)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -207,7 +207,7 @@ def _worker_groups(run_ids: list[str]) -> list[int]:
         except OSError:
             continue
         words = [a.decode(errors="replace") for a in argv]
-        if "worker.run" in words and any(r in words for r in run_ids):
+        if "kdlab.worker.run" in words and any(r in words for r in run_ids):
             try:
                 found.append(os.getpgid(int(proc.name)))
             except ProcessLookupError:
@@ -258,7 +258,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`kdlab serve --demo` with its three runs finished: what a newcomer sees (the README's
     screenshots). Teacher and student-alone train side by side (2 CPU slots)."""
-    from backend.services.dispatch import DEMO_KD
+    from kdlab.backend.services.dispatch import DEMO_KD
 
     s = _start_server(tmp_path_factory.mktemp("kdlab-demo") / "data", demo=True, cpu_slots=2)
     try:

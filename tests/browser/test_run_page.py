@@ -11,6 +11,8 @@ import torch
 from playwright.sync_api import Page, expect
 from safetensors.torch import load_file
 
+from kdlab.worker.catalog import DataInfo, build_model
+from kdlab.worker.config import ModelSpec
 from tests.browser.conftest import (
     KD_STUDENT_HIDDEN,
     Launched,
@@ -22,8 +24,6 @@ from tests.browser.conftest import (
     unique,
     wait_for_charts,
 )
-from worker.catalog import DataInfo, build_model
-from worker.config import ModelSpec
 
 pytestmark = pytest.mark.browser
 

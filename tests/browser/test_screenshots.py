@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from playwright.sync_api import Page, expect
 
-from backend.pages.compare import demo_view
-from backend.services.dispatch import DEMO_BASELINE, DEMO_KD, DEMO_TEACHER
+from kdlab.backend.pages.compare import demo_view
+from kdlab.backend.services.dispatch import DEMO_BASELINE, DEMO_KD, DEMO_TEACHER
 from tests.browser.conftest import SCREENSHOTS, Server, wait_for_charts
 
 pytestmark = pytest.mark.browser

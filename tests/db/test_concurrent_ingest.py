@@ -16,8 +16,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from backend.db.engine import make_engine, make_session_factory
-from backend.settings import Settings
+from kdlab.backend.db.engine import make_engine, make_session_factory
+from kdlab.backend.settings import Settings
 from tests.conftest import free_port
 from tests.factories import create_run
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    """`uvicorn backend.main:create_app` on a free loopback port; yields its base URL."""
+    """`uvicorn kdlab.backend.main:create_app` on a free loopback port; yields its base URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -44,7 +44,7 @@ def server(settings: Settings, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "uvicorn.log").open("w")
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "uvicorn", "--factory", "backend.main:create_app"),
+            *(sys.executable, "-m", "uvicorn", "--factory", "kdlab.backend.main:create_app"),
             *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
         ],
         cwd=REPO,

@@ -1,8 +1,8 @@
 from sqlalchemy import inspect
 
-from backend.db.engine import make_engine
-from backend.db.migrate import current_revision, downgrade, head_revision, upgrade
-from backend.db.models import Base
+from kdlab.backend.db.engine import make_engine
+from kdlab.backend.db.migrate import current_revision, downgrade, head_revision, upgrade
+from kdlab.backend.db.models import Base
 
 TABLES = {
     "experiments",

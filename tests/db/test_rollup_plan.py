@@ -8,8 +8,8 @@ from __future__ import annotations
 from sqlalchemy import create_engine
 from sqlalchemy.dialects import sqlite
 
-from backend.db.models import Base
-from backend.services.rollups import ROLLUP_WIDTH, _block_ranges, _refresh_blocks
+from kdlab.backend.db.models import Base
+from kdlab.backend.services.rollups import ROLLUP_WIDTH, _block_ranges, _refresh_blocks
 
 
 def test_each_key_of_a_batch_is_refreshed_from_its_own_index_range(tmp_path):

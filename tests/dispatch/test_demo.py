@@ -17,18 +17,18 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import Artifact, Run
-from backend.executors.local import ExecutorId
-from backend.services import dispatch
-from backend.services.dispatch import (
+from kdlab.backend.db.models import Artifact, Run
+from kdlab.backend.executors.local import ExecutorId
+from kdlab.backend.services import dispatch
+from kdlab.backend.services.dispatch import (
     DEMO_BASELINE,
     DEMO_EXPERIMENT,
     DEMO_KD,
     DEMO_LABELLED,
     DEMO_TEACHER,
 )
-from backend.services.runs import set_status
-from backend.settings import Settings
+from kdlab.backend.services.runs import set_status
+from kdlab.backend.settings import Settings
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_demo_needs_the_local_executor(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "backend.cli",
+            "kdlab.backend.cli",
             "serve",
             "--demo",
             "--port",
@@ -163,7 +163,7 @@ def test_serve_demo_trains_teacher_baseline_and_kd_student(tmp_path: Path) -> No
             [
                 sys.executable,
                 "-m",
-                "backend.cli",
+                "kdlab.backend.cli",
                 "serve",
                 "--demo",
                 "--port",
@@ -231,7 +231,7 @@ def _final(base: str, run_id: str, key: str) -> float:
 
 
 def _worker_groups(data: Path) -> set[int]:
-    from backend.db.engine import make_engine, make_session_factory
+    from kdlab.backend.db.engine import make_engine, make_session_factory
 
     engine = make_engine(f"sqlite:///{data / 'kdlab.db'}")
     try:

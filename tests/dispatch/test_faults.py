@@ -1,7 +1,7 @@
 """Fault tests for local dispatch (DESIGN §4), with real processes and a real server.
 
 First the supervisor against stand-in workers (tiny `python -c` commands: a kill, a crash, a
-hang, a cancel, concurrent claims), then the real worker (`python -m worker.run`) on tiny digits
+hang, a cancel, concurrent claims), then the real worker (`python -m kdlab.worker.run`) on tiny digits
 configs: kill -9 mid-epoch → requeued and resumed exactly; cancel; an exception in a step; NaN.
 Every test is bounded well under 90 s on a 2-core CPU machine.
 """
@@ -22,14 +22,14 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.engine import make_engine, make_session_factory
-from backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent, utcnow
-from backend.executors.base import Launch
-from backend.executors.local import ExecutorId, LocalExecutor
-from backend.services.dispatch import Claim
-from backend.services.runs import cancel_run, set_status
-from backend.settings import Settings
-from backend.supervisor import Supervisor
+from kdlab.backend.db.engine import make_engine, make_session_factory
+from kdlab.backend.db.models import ApiToken, Artifact, Metric, Run, RunEvent, utcnow
+from kdlab.backend.executors.base import Launch
+from kdlab.backend.executors.local import ExecutorId, LocalExecutor
+from kdlab.backend.services.dispatch import Claim
+from kdlab.backend.services.runs import cancel_run, set_status
+from kdlab.backend.settings import Settings
+from kdlab.backend.supervisor import Supervisor
 from tests import factories
 from tests.dispatch.test_local_executor import group_gone
 from tests.factories import create_run
@@ -402,7 +402,7 @@ def real(
     supervisors: list[Supervisor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Supervisor]:
-    """Start a supervisor thread that runs `python -m worker.run` against the live server
+    """Start a supervisor thread that runs `python -m kdlab.worker.run` against the live server
     (the test plug-ins importable by the server and the workers)."""
     monkeypatch.syspath_prepend(str(PLUGINS))
 
@@ -424,7 +424,7 @@ def real(
 
 def queue(factory: sessionmaker[Session], settings: Settings, config: dict[str, Any]) -> str:
     """Queue a run through the same service as POST /api/runs (validated)."""
-    from backend.services.runs import create_run as service_create_run
+    from kdlab.backend.services.runs import create_run as service_create_run
 
     with factory() as session:
         return service_create_run(session, settings, config).id
@@ -479,8 +479,8 @@ def reference_losses(config: dict[str, Any], out_dir: Path) -> dict[int, float]:
     """train/loss_total of an uninterrupted in-process run of `config` (one thread, CPU)."""
     import torch
 
-    from worker.config import RunConfig
-    from worker.trainer import Trainer
+    from kdlab.worker.config import RunConfig
+    from kdlab.worker.trainer import Trainer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

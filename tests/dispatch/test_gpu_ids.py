@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.executors.base import Launch
-from backend.executors.gpus import detect_gpus, parse_gpu_listing, parse_mig_modes
-from backend.executors.local import ExecutorId, LocalExecutor
+from kdlab.backend.executors.base import Launch
+from kdlab.backend.executors.gpus import detect_gpus, parse_gpu_listing, parse_mig_modes
+from kdlab.backend.executors.local import ExecutorId, LocalExecutor
 
 GPU0 = "GPU-5e1f2a3b-6c7d-8e9f-0a1b-2c3d4e5f6a7b"
 GPU1 = "GPU-9d2c1b0a-8f7e-6d5c-4b3a-29180f7e6d5c"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.executors.base import Launch
-from backend.executors.local import ExecutorId, LocalExecutor, NoSlot, detect_gpus, tail_lines
+from kdlab.backend.executors.base import Launch
+from kdlab.backend.executors.local import ExecutorId, LocalExecutor, NoSlot, detect_gpus, tail_lines
 
 
 def py(code: str) -> list[str]:

@@ -33,20 +33,20 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.engine import make_session_factory
-from backend.db.models import Run, RunEvent, utcnow
-from backend.executors.base import Executor, Launch, ProcessStatus
-from backend.executors.ray import RayExecutor, parse_submission_id, submission_id
-from backend.main import create_app
-from backend.services.runs import cancel_run
-from backend.settings import Settings
-from backend.supervisor import Supervisor, make_executor, server_identity
+from kdlab.backend.db.engine import make_session_factory
+from kdlab.backend.db.models import Run, RunEvent, utcnow
+from kdlab.backend.executors.base import Executor, Launch, ProcessStatus
+from kdlab.backend.executors.ray import RayExecutor, parse_submission_id, submission_id
+from kdlab.backend.main import create_app
+from kdlab.backend.services.runs import cancel_run
+from kdlab.backend.settings import Settings
+from kdlab.backend.supervisor import Supervisor, make_executor, server_identity
 from tests.conftest import free_port
 from tests.factories import DIGITS_TEACHER, config, create_run
 from tests.helpers import require_module
 
 # skipped without Ray, except with KDLAB_REQUIRE_RAY=1 (.ci/run): then a missing Ray fails
-# (ray.job_submission is ray[default]'s Jobs API client; backend.executors.ray imports it lazily)
+# (ray.job_submission is ray[default]'s Jobs API client; kdlab.backend.executors.ray imports it lazily)
 JobSubmissionClient = require_module(
     "ray.job_submission", "KDLAB_REQUIRE_RAY", "'ray[default]' (the ray extra)"
 ).JobSubmissionClient
@@ -129,7 +129,7 @@ def ray_url() -> Iterator[str]:
     }
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # on SIGTERM stop at once, no drain
-    # a Ray node's own data dir: where `python -m worker.run` keeps its scratch files
+    # a Ray node's own data dir: where `python -m kdlab.worker.run` keeps its scratch files
     env["KDLAB_DATA_DIR"] = str(temp_dir / "node-data")
     env[OWNER_VARIABLE] = str(temp_dir)
     log_file = (temp_dir / "ray-start.log").open("wb")

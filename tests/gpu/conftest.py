@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from worker import catalog, kd
-from worker.catalog import DataBundle
-from worker.config import RunConfig
-from worker.metrics import JsonlSink, read_jsonl
-from worker.trainer import Trainer, TrainResult
+from kdlab.worker import catalog, kd
+from kdlab.worker.catalog import DataBundle
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import JsonlSink, read_jsonl
+from kdlab.worker.trainer import Trainer, TrainResult
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HAS_CUDA = torch.cuda.is_available()

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL
 from tests.gpu.conftest import needs_cuda
 from tests.kd.conftest import TinyNet
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL
 
 pytestmark = needs_cuda
 

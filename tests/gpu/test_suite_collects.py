@@ -59,6 +59,6 @@ def test_gpu_suite_collects_without_the_service_dependencies(tmp_path: Path) -> 
     assert all(line.startswith("tests/gpu/") for line in collected)
     # and the blocker really blocks: the service's own tests do not import
     proc = subprocess.run(
-        [sys.executable, "-c", "import backend.main"], env=env, capture_output=True, text=True
+        [sys.executable, "-c", "import kdlab.backend.main"], env=env, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "not installed on the GPU machine" in proc.stderr

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
+from kdlab.worker.catalog import DataBundle
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import MetricSink
+from kdlab.worker.numerics import amp_dtype
+from kdlab.worker.trainer import Trainer
 from tests.gpu.conftest import example, needs_cuda, series, train
-from worker.catalog import DataBundle
-from worker.config import RunConfig
-from worker.metrics import MetricSink
-from worker.numerics import amp_dtype
-from worker.trainer import Trainer
 
 pytestmark = needs_cuda
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from worker import kd
+from kdlab.worker import kd
 
 
 def terms(*values: float) -> dict[str, torch.Tensor]:

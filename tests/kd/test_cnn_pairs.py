@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker import kd
-from worker.catalog import DataInfo
-from worker.kd.losses import AttentionTransfer, FeatureMSE, LogitsKL
-from worker.models import cnn_small
+from kdlab.worker import kd
+from kdlab.worker.catalog import DataInfo
+from kdlab.worker.kd.losses import AttentionTransfer, FeatureMSE, LogitsKL
+from kdlab.worker.models import cnn_small
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
@@ -97,7 +97,7 @@ def test_feature_attention_and_logit_pairs_on_a_cnn_pair():
 
 @pytest.mark.skipif(HAS_TORCHVISION, reason="only meaningful without torchvision")
 def test_resnet_from_the_catalog_explains_the_missing_extra():
-    from worker.models import resnet18
+    from kdlab.worker.models import resnet18
 
     info = DataInfo("classification", 10, (3, 32, 32), torch.float32)
     with pytest.raises(ImportError, match=r"pip install kdlab\[vision\]"):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL
 
 
 class ConvNet(nn.Module):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL
 from tests.kd.conftest import TinyNet
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL
 
 
 class Recorder(nn.Module):

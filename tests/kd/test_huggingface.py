@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from worker import kd
-from worker.kd.losses import LogitsKL
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import LogitsKL
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,7 @@ def test_hidden_state_pairs_on_a_transformer():
     torch.manual_seed(0)
     student, teacher = tiny_gpt2(1), tiny_gpt2(2)
     tokens = torch.randint(0, 32, (2, 8))
-    from worker.kd.losses import FeatureMSE
+    from kdlab.worker.kd.losses import FeatureMSE
 
     dm = kd.convert(
         student,

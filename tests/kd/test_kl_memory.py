@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worker.kd import losses
-from worker.kd.losses import GeneralizedJSD, LogitsKL, MFTLoss, _kl_div_last
+from kdlab.worker.kd import losses
+from kdlab.worker.kd.losses import GeneralizedJSD, LogitsKL, MFTLoss, _kl_div_last
 
 B, L, V = 4, 16, 5000
 N = B * L * V

@@ -1,4 +1,4 @@
-"""Tests for worker.kd.losses: every value is checked against an independent numpy formula."""
+"""Tests for kdlab.worker.kd.losses: every value is checked against an independent numpy formula."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from worker.kd.losses import (
+from kdlab.worker.kd.losses import (
     LOSSES,
     AttentionTransfer,
     CosineLoss,

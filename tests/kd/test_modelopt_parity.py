@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL, MFTLoss
 from tests.helpers import require_module
 from tests.kd.conftest import TinyNet
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL, MFTLoss
 
 mtd = require_module(
     "modelopt.torch.distill", "KDLAB_REQUIRE_MODELOPT", "nvidia-modelopt (the test extra)"

@@ -6,9 +6,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kdlab.worker import kd
+from kdlab.worker.kd.losses import FeatureMSE, LogitsKL
 from tests.kd.conftest import TinyNet
-from worker import kd
-from worker.kd.losses import FeatureMSE, LogitsKL
 
 
 def independent_sha256(module: nn.Module) -> str:

@@ -23,16 +23,16 @@ from mlflow import MlflowClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from backend.db.models import MlflowOutbox, Run, utcnow
-from backend.mlflow import MlflowMirror, hooks
-from backend.mlflow import format as fmt
-from backend.settings import Settings
+from kdlab.backend.db.models import MlflowOutbox, Run, utcnow
+from kdlab.backend.mlflow import MlflowMirror, hooks
+from kdlab.backend.mlflow import format as fmt
+from kdlab.backend.settings import Settings
+from kdlab.worker import catalog, kd
+from kdlab.worker.config import ModelSpec, RunConfig
+from kdlab.worker.kd import losses
+from kdlab.worker.loss_formula import describe_from_config, loss_formula
 from tests.conftest import free_port
 from tests.factories import DIGITS_KD, DIGITS_TEACHER
-from worker import catalog, kd
-from worker.config import ModelSpec, RunConfig
-from worker.kd import losses
-from worker.loss_formula import describe_from_config, loss_formula
 
 # MLflow's own store code, under SQLAlchemy 2.1
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -60,7 +60,7 @@ def mirrored(settings: Settings, mlflow_uri: str) -> Settings:
 def api(mirrored: Settings) -> Iterator[TestClient]:
     """The app, with any mirror of its own off: the tests drain with mirrors they make; the
     outbox hooks on its sessionmaker, as a mirror's `start()` installs them."""
-    from backend.main import create_app
+    from kdlab.backend.main import create_app
 
     app = create_app(mirrored.model_copy(update={"mlflow_tracking_uri": "none"}))
     hooks.install_outbox_hooks(app.state.session_factory)
@@ -115,8 +115,8 @@ def post_metrics(api: TestClient, run_id: str, points: list[dict[str, Any]]) -> 
 
 
 def log_loss_metadata(api: TestClient, run_id: str, config: dict[str, Any]) -> None:
-    """The `metadata {...}` log line a distill run's trainer posts (`worker.http_sink`), with the
-    loss formula it writes (`worker.loss_formula`)."""
+    """The `metadata {...}` log line a distill run's trainer posts (`kdlab.worker.http_sink`), with the
+    loss formula it writes (`kdlab.worker.loss_formula`)."""
     spec = RunConfig.model_validate(config)
     meta = {"loss": loss_formula(spec, describe_from_config(spec))}
     line = "metadata " + json.dumps(meta, ensure_ascii=False, sort_keys=True)

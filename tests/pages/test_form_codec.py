@@ -1,10 +1,10 @@
-"""Flat launch-form fields → the nested config (backend.services.form_codec)."""
+"""Flat launch-form fields → the nested config (kdlab.backend.services.form_codec)."""
 
 from __future__ import annotations
 
 import pytest
 
-from backend.services.form_codec import decode, field_id, parse_value, split_name
+from kdlab.backend.services.form_codec import decode, field_id, parse_value, split_name
 
 
 def test_names_carry_path_and_type() -> None:

@@ -10,14 +10,14 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from backend.db.models import Run
-from backend.services import recipes
+from kdlab.backend.db.models import Run
+from kdlab.backend.services import recipes
+from kdlab.worker import kd
+from kdlab.worker.config import RunConfig
+from kdlab.worker.loss_formula import loss_formula
+from kdlab.worker.models import MLP
 from tests.factories import create_run
 from tests.pages.form_html import as_form, form_fields, replace
-from worker import kd
-from worker.config import RunConfig
-from worker.loss_formula import loss_formula
-from worker.models import MLP
 
 
 def _csrf(html: str) -> str:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.main import create_app
-from backend.settings import Settings
+from kdlab.backend.main import create_app
+from kdlab.backend.settings import Settings
 from tests.factories import create_run
 
 TOKEN = "page-secret"

@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from backend.pages.templating import STATIC_DIR
+from kdlab.backend.pages.templating import STATIC_DIR
 from tests.factories import create_run
 
 BUDGET_BYTES = 300_000

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Experiment, Metric, Run, RunEvent, utcnow
-from backend.services import run_views
-from backend.services.runs import run_out
+from kdlab.backend.db.models import Experiment, Metric, Run, RunEvent, utcnow
+from kdlab.backend.services import run_views
+from kdlab.backend.services.runs import run_out
 from tests.factories import DIGITS_TEACHER, config, create_run
 
 
@@ -140,8 +140,8 @@ def test_the_run_page_stream_renders_a_run_with_files(
     client: TestClient, db_session: Session
 ) -> None:
     """The live head is rendered while its rows are loaded (a finished run with artifacts)."""
-    from backend.db.models import Artifact
-    from backend.pages.run import _live_state
+    from kdlab.backend.db.models import Artifact
+    from kdlab.backend.pages.run import _live_state
 
     run = create_run(db_session, name="with-files", status="succeeded")
     db_session.add(Artifact(run_id=run.id, name="student.safetensors", kind="student",

@@ -1,4 +1,4 @@
-"""Browser sessions: signed cookies, expiry, revocation, CSRF tokens (backend.services.sessions)."""
+"""Browser sessions: signed cookies, expiry, revocation, CSRF tokens (kdlab.backend.services.sessions)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from backend.errors import Unauthorized
-from backend.services import sessions
-from backend.services.auth import create_token, hash_token
-from backend.settings import Settings
+from kdlab.backend.errors import Unauthorized
+from kdlab.backend.services import sessions
+from kdlab.backend.services.auth import create_token, hash_token
+from kdlab.backend.settings import Settings
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_changing_or_revoking_the_token_ends_its_sessions(
     assert sessions.decode(db_session, secure, cookie) is not None
     from sqlalchemy import update
 
-    from backend.db.models import ApiToken, utcnow
+    from kdlab.backend.db.models import ApiToken, utcnow
 
     db_session.execute(update(ApiToken).values(revoked_at=utcnow()))
     db_session.commit()

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from worker import catalog
-from worker.catalog import DataBundle
-from worker.config import DatasetSpec
+from kdlab.worker import catalog
+from kdlab.worker.catalog import DataBundle
+from kdlab.worker.config import DatasetSpec
 
 
 class _Faulty(Dataset):

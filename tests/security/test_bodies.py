@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from backend.services.uploads import MULTIPART_OVERHEAD
-from backend.settings import Settings
+from kdlab.backend.services.uploads import MULTIPART_OVERHEAD
+from kdlab.backend.settings import Settings
 
 BODY_LIMIT = 11 * 1024 * 1024
 UPLOAD_LIMIT = 1024 * 1024

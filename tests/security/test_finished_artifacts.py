@@ -14,12 +14,12 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from backend.db.engine import make_engine, make_session_factory
-from backend.db.models import Run
-from backend.errors import Conflict
-from backend.services import artifacts as service
-from backend.services.auth import ADMIN
-from backend.settings import Settings
+from kdlab.backend.db.engine import make_engine, make_session_factory
+from kdlab.backend.db.models import Run
+from kdlab.backend.errors import Conflict
+from kdlab.backend.services import artifacts as service
+from kdlab.backend.services.auth import ADMIN
+from kdlab.backend.settings import Settings
 
 ADMIN_TOKEN = "admin-token-for-the-finished-artifact-tests-0123456789"
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.main import create_app
-from backend.settings import Settings
+from kdlab.backend.main import create_app
+from kdlab.backend.settings import Settings
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config, create_run
 
 HUGE = 99999999999999999999  # > 2**64: no SQL integer holds it
@@ -295,7 +295,7 @@ def test_validate_with_5000_hidden_layers_is_refused_by_the_schema(client):
 
 
 def test_a_model_with_too_many_modules_is_refused_before_its_probe(client, monkeypatch):
-    from worker import dry_run as service
+    from kdlab.worker import dry_run as service
 
     monkeypatch.setattr(service, "PROBE_MAX_MODULES", 10)
     body = config(DIGITS_TEACHER, student={"name": "mlp", "params": {"hidden": [8] * 4}})
@@ -309,7 +309,7 @@ def test_a_model_with_too_many_modules_is_refused_before_its_probe(client, monke
 
 
 def test_a_model_with_too_many_parameters_is_refused(client, monkeypatch):
-    from worker import dry_run as service
+    from kdlab.worker import dry_run as service
 
     monkeypatch.setattr(service, "PROBE_MAX_PARAMS", 1000)
     body = config(DIGITS_KD, student={"name": "mlp", "params": {"hidden": [4]}})
@@ -322,7 +322,7 @@ def test_a_model_with_too_many_parameters_is_refused(client, monkeypatch):
 def test_a_model_that_needs_a_real_forward_is_bounded_in_size(client, monkeypatch):
     """Meta and fake tensors both fail (data-dependent code): the CPU forward that is left
     would allocate the model, so it has its own, smaller bound."""
-    from worker import dry_run as service
+    from kdlab.worker import dry_run as service
 
     def fails(*_: Any, **__: Any) -> Any:
         raise RuntimeError("data-dependent control flow")
@@ -339,7 +339,7 @@ def test_a_model_that_needs_a_real_forward_is_bounded_in_size(client, monkeypatc
 
 
 def test_the_dry_run_is_time_boxed(client, monkeypatch):
-    from backend.services import validation
+    from kdlab.backend.services import validation
 
     monkeypatch.setattr(validation, "PROBE_TIME_LIMIT_S", 0)
     error = refused(post(client, "/api/runs/validate", DIGITS_TEACHER), ["body", "student"])
@@ -349,7 +349,7 @@ def test_the_dry_run_is_time_boxed(client, monkeypatch):
 
 
 def test_the_layer_tree_is_time_boxed(client, monkeypatch):
-    from backend.services import catalog as service
+    from kdlab.backend.services import catalog as service
 
     monkeypatch.setattr(service, "PROBE_TIME_LIMIT_S", 0)
     response = client.get("/api/catalog/models/mlp/layers?dataset=digits")
@@ -361,7 +361,7 @@ def test_probe_hooks_are_linear_in_the_layer_count():
     import torch
     from torch import nn
 
-    from worker.kd.probe import probe_outputs
+    from kdlab.worker.kd.probe import probe_outputs
 
     class Counting(nn.Sequential):
         walks = 0

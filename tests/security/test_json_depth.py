@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.json_depth import MAX_JSON_DEPTH, too_deep
+from kdlab.backend.json_depth import MAX_JSON_DEPTH, too_deep
 
 JSON = {"Content-Type": "application/json"}
 
@@ -21,7 +21,7 @@ def run_count(client) -> int:
 
 
 def test_the_bound_sits_above_the_params_bound_and_far_below_the_parsers():
-    from worker.config import MAX_PARAMS_DEPTH
+    from kdlab.worker.config import MAX_PARAMS_DEPTH
 
     assert MAX_PARAMS_DEPTH < MAX_JSON_DEPTH <= 100
 

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from backend.settings import Settings
-from worker.client import ApiClient
+from kdlab.backend.settings import Settings
+from kdlab.worker.client import ApiClient
 
 LOCK_WAIT = 0.3
 KEY = "train/loss_total"

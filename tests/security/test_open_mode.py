@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend.db.models import Metric, Run, Upload
-from backend.main import create_app
-from backend.origin_guard import cross_site_refusal, host_refusal, is_own_origin
-from backend.settings import Settings
+from kdlab.backend.db.models import Metric, Run, Upload
+from kdlab.backend.main import create_app
+from kdlab.backend.origin_guard import cross_site_refusal, host_refusal, is_own_origin
+from kdlab.backend.settings import Settings
 from tests.factories import create_run
 
 SERVER = "http://127.0.0.1:8000"

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from backend.services.sessions import COOKIE_NAME
+from kdlab.backend.services.sessions import COOKIE_NAME
 
 RUNS = 10
 STREAMS_PER_RUN = 20  # 200 in all

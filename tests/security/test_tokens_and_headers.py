@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from backend.main import create_app
-from backend.pages.templating import STATIC_DIR
-from backend.settings import Settings
+from kdlab.backend.main import create_app
+from kdlab.backend.pages.templating import STATIC_DIR
+from kdlab.backend.settings import Settings
 
 TOKEN = "an-admin-token-of-32-characters!"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,4 +1,4 @@
-"""worker.batches: whole-batch indexing of in-memory data gives exactly what a per-sample
+"""kdlab.worker.batches: whole-batch indexing of in-memory data gives exactly what a per-sample
 DataLoader gives; data read from disk goes through worker processes."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from worker.batches import BatchSource, in_memory_tensors, loader_workers
-from worker.kd.losses import IGNORE_INDEX
+from kdlab.worker.batches import BatchSource, in_memory_tensors, loader_workers
+from kdlab.worker.kd.losses import IGNORE_INDEX
 
 
 def reference_batches(dataset: Dataset, order: list[int], batch_size: int, start: int) -> list:
@@ -106,7 +106,7 @@ def test_other_datasets_load_in_this_process() -> None:
 STOPPED_BY_SIGTERM = """
 import signal, sys, time, torch
 from torch.utils.data import Dataset
-from worker.batches import BatchSource
+from kdlab.worker.batches import BatchSource
 
 class Slow(Dataset):
     reads_from_disk = True

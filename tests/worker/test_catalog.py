@@ -1,4 +1,4 @@
-"""worker.catalog, worker.models, worker.datasets: built-ins, splits and entry-point plug-ins."""
+"""kdlab.worker.catalog, kdlab.worker.models, kdlab.worker.datasets: built-ins, splits and entry-point plug-ins."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from worker import catalog
-from worker.catalog import DataBundle, DataInfo
-from worker.config import DatasetSpec, ModelSpec
+from kdlab.worker import catalog
+from kdlab.worker.catalog import DataBundle, DataInfo
+from kdlab.worker.config import DatasetSpec, ModelSpec
 
 # scikit-learn's documented digits facts: 1,797 samples, 64 features (8×8), 10 classes, pixels 0..16.
 DIGITS_SAMPLES, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
@@ -428,7 +428,7 @@ PLUGIN_MODULE = """
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from worker.catalog import DataBundle, DataInfo
+from kdlab.worker.catalog import DataBundle, DataInfo
 
 def tiny_linear(params, info):
     return nn.Linear(info.input_shape[0], params.get("out", info.num_classes))

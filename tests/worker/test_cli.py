@@ -12,17 +12,17 @@ import pytest
 import torch
 import yaml
 
-from backend.cli import build_parser, main
-from worker import catalog, kd, local_run
-from worker.config import load_run_config
-from worker.metrics import read_jsonl
+from kdlab.backend.cli import build_parser, main
+from kdlab.worker import catalog, kd, local_run
+from kdlab.worker.config import load_run_config
+from kdlab.worker.metrics import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 _SCRIPT = Path(sys.executable).with_name("kdlab")  # the console script of this environment
-KDLAB = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "backend.cli"]
+KDLAB = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kdlab.backend.cli"]
 
 DESIGN_KD_METRICS = {
     "train/loss_total",

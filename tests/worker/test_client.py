@@ -15,19 +15,19 @@ import httpx
 import pytest
 import uvicorn
 
-from backend.main import create_app
-from backend.settings import Settings
-from tests.conftest import free_port
-from tests.helpers import wait_for
-from worker.client import (
+from kdlab.backend.main import create_app
+from kdlab.backend.settings import Settings
+from kdlab.worker.client import (
     ApiClient,
     ApiClientError,
     ApiServerError,
     ApiUnreachable,
     TransientApiError,
 )
-from worker.http_sink import HttpMetricSink
-from worker.spool import Spool
+from kdlab.worker.http_sink import HttpMetricSink
+from kdlab.worker.spool import Spool
+from tests.conftest import free_port
+from tests.helpers import wait_for
 
 EXTERNAL = {"name": "ext", "experiment": "worker-tests", "kind": "train"}
 

@@ -1,4 +1,4 @@
-"""worker.config: the RunConfig contract of DESIGN §2."""
+"""kdlab.worker.config: the RunConfig contract of DESIGN §2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from worker.config import (
+from kdlab.worker.config import (
     DatasetSpec,
     RunConfig,
     error_lines,

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.checkpoint import capture_rng_state, restore_cuda_rng, restore_rng_state
-from worker.config import OptimizerSpec, TrainSpec
-from worker.devices import PeakMemory, resolve_device
-from worker.numerics import cast_for_autocast, numerics, run_settings
-from worker.trainer import build_optimizer
+from kdlab.worker.checkpoint import capture_rng_state, restore_cuda_rng, restore_rng_state
+from kdlab.worker.config import OptimizerSpec, TrainSpec
+from kdlab.worker.devices import PeakMemory, resolve_device
+from kdlab.worker.numerics import cast_for_autocast, numerics, run_settings
+from kdlab.worker.trainer import build_optimizer
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""`python -m worker.run` and `kdlab train --server` end to end, as real processes against a real
+"""`python -m kdlab.worker.run` and `kdlab train --server` end to end, as real processes against a real
 server (`live_server`, SQLite and PostgreSQL): train, distil from the trained run, cancel, stop
 and resume, fail; plus teacher-weight resolution in-process."""
 
@@ -19,22 +19,22 @@ import pytest
 import torch
 from sqlalchemy.orm import Session
 
-from backend.db.engine import make_engine
-from backend.db.models import Run
-from backend.services.auth import create_token
-from backend.settings import Settings
+from kdlab.backend.db.engine import make_engine
+from kdlab.backend.db.models import Run
+from kdlab.backend.services.auth import create_token
+from kdlab.backend.settings import Settings
+from kdlab.worker import catalog, kd
+from kdlab.worker.client import ApiClient
+from kdlab.worker.config import RunConfig, TeacherWeights
+from kdlab.worker.local_run import load_teacher_state, run_local
+from kdlab.worker.metrics import read_jsonl
+from kdlab.worker.run import resolve_teacher_weights, run_worker
 from tests.factories import DIGITS_KD, DIGITS_TEACHER, config
 from tests.helpers import wait_for
-from worker import catalog, kd
-from worker.client import ApiClient
-from worker.config import RunConfig, TeacherWeights
-from worker.local_run import load_teacher_state, run_local
-from worker.metrics import read_jsonl
-from worker.run import resolve_teacher_weights, run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).with_name("kdlab")
-KDLAB = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "backend.cli"]
+KDLAB = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kdlab.backend.cli"]
 PROCESS_TIMEOUT = 60
 
 TINY = {"epochs": 2, "batch_size": 64, "optimizer": {"name": "adamw", "lr": 0.01}}
@@ -101,7 +101,7 @@ def create(url: str, body: dict[str, Any]) -> str:
 def start_worker(
     url: str, settings: Settings, run_id: str, work_dir: Path, tmp_path: Path
 ) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "worker.run", "--run-id", run_id, "--api", url]
+    command = [sys.executable, "-m", "kdlab.worker.run", "--run-id", run_id, "--api", url]
     command += ["--work-dir", str(work_dir)]
     env = {**worker_env(tmp_path), "KDLAB_RUN_TOKEN": run_token(settings, run_id)}
     return subprocess.Popen(
@@ -326,7 +326,7 @@ def test_sigterm_without_cancel_leaves_the_run_to_resume_exactly(live_server, se
     assert 20 <= stopped_at < epochs * 90
 
     # the next attempt, on "another machine" (a fresh work dir), resumes from the uploaded latest
-    # (run in this process: the same code path as `python -m worker.run`, without the start-up)
+    # (run in this process: the same code path as `python -m kdlab.worker.run`, without the start-up)
     lines = train_in_process(live_server, settings, run_id, tmp_path / "attempt-2")
     assert any(line.startswith("resuming from the run's latest.pt") for line in lines)
     assert get(live_server, f"/api/runs/{run_id}")["status"] == "succeeded"

@@ -1,4 +1,4 @@
-"""worker.trainer: real training on digits, exact resume, guards, AMP/clipping/EMA, checkpoints.
+"""kdlab.worker.trainer: real training on digits, exact resume, guards, AMP/clipping/EMA, checkpoints.
 
 Expected values come from outside the code under test: digits accuracies measured once (a 2×256
 MLP reaches ~0.97, a 16-unit one ~0.96), the balancer/LR formulas of DESIGN §1-2, and hand
@@ -18,12 +18,12 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import TensorDataset
 
-from worker import catalog, kd
-from worker.catalog import DataBundle, DataInfo
-from worker.checkpoint import seed_everything
-from worker.config import RunConfig
-from worker.metrics import JsonlSink, MultiSink, read_jsonl
-from worker.trainer import Trainer, TrainResult
+from kdlab.worker import catalog, kd
+from kdlab.worker.catalog import DataBundle, DataInfo
+from kdlab.worker.checkpoint import seed_everything
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import JsonlSink, MultiSink, read_jsonl
+from kdlab.worker.trainer import Trainer, TrainResult
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DIGITS_CLASSES = 10

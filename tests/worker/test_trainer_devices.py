@@ -21,12 +21,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from kdlab.worker import catalog, kd
+from kdlab.worker.catalog import DataBundle
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import JsonlSink
+from kdlab.worker.trainer import Trainer, TrainResult, total_grad_norm
 from tests.worker.test_trainer import example, series, train
-from worker import catalog, kd
-from worker.catalog import DataBundle
-from worker.config import RunConfig
-from worker.metrics import JsonlSink
-from worker.trainer import Trainer, TrainResult, total_grad_norm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -263,10 +263,10 @@ def test_bf16_run_casts_the_teacher_once_after_fingerprinting(
 NO_CUDA_RUN = """
 import sys
 from pathlib import Path
-from worker.config import RunConfig
-from worker.metrics import JsonlSink
-from worker.metrics import JsonlSink
-from worker.trainer import Trainer
+from kdlab.worker.config import RunConfig
+from kdlab.worker.metrics import JsonlSink
+from kdlab.worker.metrics import JsonlSink
+from kdlab.worker.trainer import Trainer
 config = RunConfig.model_validate_json(sys.argv[1])
 try:
     Trainer(config, Path(sys.argv[2]), JsonlSink(Path(sys.argv[2]) / "m.jsonl"))

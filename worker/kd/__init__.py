@@ -5,18 +5,18 @@ loss = dm.compute_kd_loss()
 student = kd.export(dm)
 """
 
-from worker.kd import losses
-from worker.kd.adapters import NormalizationAdapter
-from worker.kd.conversion import build_teacher, convert, export
-from worker.kd.distillation_model import DistillationModel, pair_key
-from worker.kd.loss_balancers import (
+from kdlab.worker.kd import losses
+from kdlab.worker.kd.adapters import NormalizationAdapter
+from kdlab.worker.kd.conversion import build_teacher, convert, export
+from kdlab.worker.kd.distillation_model import DistillationModel, pair_key
+from kdlab.worker.kd.loss_balancers import (
     BALANCERS,
     DynamicBalancer,
     LossBalancer,
     StaticBalancer,
     build_balancer,
 )
-from worker.kd.serialization import (
+from kdlab.worker.kd.serialization import (
     fingerprint,
     load_metadata,
     load_state_dict,

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from worker.kd.config import KDLossConfig, parse_mode
-from worker.kd.distillation_model import DistillationModel, LayerPair, SequentialStudent
-from worker.kd.loss_balancers import LossBalancer
-from worker.kd.probe import OUTPUT, probe_outputs, resolve_layer
+from kdlab.worker.kd.config import KDLossConfig, parse_mode
+from kdlab.worker.kd.distillation_model import DistillationModel, LayerPair, SequentialStudent
+from kdlab.worker.kd.loss_balancers import LossBalancer
+from kdlab.worker.kd.probe import OUTPUT, probe_outputs, resolve_layer
 
 _CLASS_CACHE: dict[type, type] = {}
 

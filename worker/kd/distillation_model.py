@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from worker.kd.loss_balancers import STUDENT_LOSS_KEY, LossBalancer
-from worker.kd.plugins.huggingface import unwrap_model_output
-from worker.kd.probe import OUTPUT, describe_output, display_name, resolve_layer
+from kdlab.worker.kd.loss_balancers import STUDENT_LOSS_KEY, LossBalancer
+from kdlab.worker.kd.plugins.huggingface import unwrap_model_output
+from kdlab.worker.kd.probe import OUTPUT, describe_output, display_name, resolve_layer
 
 LayerPair = tuple[str, str]
 
@@ -51,7 +51,7 @@ def kd_loss_inputs(
     """What a pair's loss receives: library output objects unwrapped; a loss that declares
     `expects_tensors` (every built-in KDLoss) gets tensors or LayerOutputError.
 
-    The one rule for the engine (`DistillationModel`) and the dry run (`worker.dry_run`).
+    The one rule for the engine (`DistillationModel`) and the dry run (`kdlab.worker.dry_run`).
     """
     student_out, teacher_out = unwrap_model_output(student_out), unwrap_model_output(teacher_out)
     if getattr(loss, "expects_tensors", False):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.kd.adapters_auto import build_auto_adapter
+from kdlab.worker.kd.adapters_auto import build_auto_adapter
 
 IGNORE_INDEX = -100
 _BATCHMEAN = "batchmean over positions (all leading dims; label -100 excluded when labels= given)"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from worker.kd.distillation_model import DistillationModel
+from kdlab.worker.kd.distillation_model import DistillationModel
 
 FORMAT = "kdlab.student/1"
 METADATA_KEY = "kdlab"
