@@ -42,13 +42,19 @@ RUN useradd --create-home --uid 1000 kdlab \
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "${TORCH_SPEC}"
 WORKDIR /app
 COPY --chown=kdlab:kdlab pyproject.toml README.md ./
+# kdlab/ holds the package root and links to the folders beside it (backend, worker, frontend,
+# migrations): the image keeps the repository's layout
+COPY --chown=kdlab:kdlab kdlab kdlab
 COPY --chown=kdlab:kdlab backend backend
 COPY --chown=kdlab:kdlab worker worker
+COPY --chown=kdlab:kdlab frontend/templates frontend/templates
+COPY --chown=kdlab:kdlab frontend/static frontend/static
+COPY --chown=kdlab:kdlab frontend/recipes frontend/recipes
 COPY --chown=kdlab:kdlab migrations migrations
 COPY --chown=kdlab:kdlab examples examples
-# Editable: the Alembic scripts are read from /app/migrations next to the package (they are not
-# part of the wheel), and Ray job entrypoints (`python -m kdlab.worker.run`) import from any directory.
-RUN pip install -e ".[ray]" && python -c "import torch, ray, kdlab.backend.cli, kdlab.worker.trainer"
+# Editable, so an operator can patch /app in a derived image; the pages, recipes and Alembic
+# scripts are read through the package (kdlab/frontend, kdlab/migrations) as in the wheel.
+RUN pip install -e ".[ray]" && python -c "import torch, ray, kdlab.backend.cli, kdlab.worker.trainer, kdlab.distill"
 USER kdlab
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \

@@ -273,7 +273,16 @@ def test_dockerignore_keeps_what_the_image_copies():
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for needed in ("pyproject.toml", "README.md", "backend", "worker", "migrations", "examples"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "kdlab",
+        "backend",
+        "worker",
+        "frontend",
+        "migrations",
+        "examples",
+    ):
         assert needed not in ignored
     assert {".git", ".env", "tests"} <= ignored
 

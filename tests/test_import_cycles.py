@@ -1,6 +1,8 @@
-"""No import cycle among the project's modules: the imports of `worker` and `backend` form a
-DAG, counting imports inside functions too (config ↔ catalog was one). Which package may import
-which is import-linter's job (`lint-imports`, contracts in pyproject.toml)."""
+"""No import cycle among the project's modules: the imports of `kdlab` (`kdlab.worker`,
+`kdlab.backend`, `kdlab.distill`) form a DAG, counting imports inside functions too (config ↔
+catalog was one); and nothing imports the repository's folders as top-level `worker` or `backend`
+(a second copy of every module). Which package may import which is import-linter's job
+(`lint-imports`, contracts in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,23 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("worker", "backend")
+# kdlab/worker and kdlab/backend are links to these folders; kdlab/ itself holds the rest
+LINKED = ("worker", "backend")
+TOP_LEVEL_DIRS = ("backend", "benchmarks", "kdlab", "migrations", "tests", "worker")
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] in LINKED:
+        parts = ("kdlab", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_files() -> list[Path]:
+    """Every module of `kdlab`, by its real path (links not followed twice)."""
+    own = [p for p in (ROOT / "kdlab").rglob("*.py") if not p.is_symlink() and all(
+        part not in LINKED for part in p.relative_to(ROOT / "kdlab").parts)]  # fmt: skip
+    return [*own, *(p for pkg in LINKED for p in (ROOT / pkg).rglob("*.py"))]
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -73,7 +86,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def project_graph() -> dict[str, set[str]]:
-    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    files = package_files()
     modules = {module_name(p) for p in files}
     return {module_name(p): imports_of(p, modules) for p in files}
 
@@ -83,6 +96,33 @@ def test_no_import_cycle() -> None:
     assert len(graph) > 50  # the walk found the project
     cycle = find_cycle(graph)
     assert cycle is None, " → ".join(cycle or [])
+
+
+def test_the_graph_has_the_edges_a_reader_sees() -> None:
+    graph = project_graph()
+    assert "kdlab.worker.kd.distillation_model" in graph["kdlab.worker.kd.conversion"]
+    assert "kdlab.worker.config" in graph["kdlab.backend.services.validation"]
+
+
+def bare_imports(path: Path) -> list[str]:
+    """`import worker…` / `from backend… import …` in `path`: the folders as top-level packages."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                  if n.split(".")[0] in LINKED]  # fmt: skip
+    return found
+
+
+def test_nothing_imports_the_folders_as_top_level_packages() -> None:
+    files = [p for d in TOP_LEVEL_DIRS for p in (ROOT / d).rglob("*.py") if d != "kdlab"]
+    assert len(files) > 100
+    found = [hit for p in files for hit in bare_imports(p)]
+    assert not found, "import through kdlab.…: " + ", ".join(found)
 
 
 def test_the_cycle_finder_finds_one() -> None:
