@@ -86,6 +86,7 @@ def test_no_balancer_refuses_student_loss():
         dm.compute_kd_loss(student_loss=out.mean())
 
 
+@pytest.mark.filterwarnings("ignore:`StaticLossBalancer` weights do not sum")
 def test_distillation_model_multiloss_balancer():
     config = {
         "teacher_model": TinyAlexNet,
@@ -299,6 +300,7 @@ def test_isinstance_original_cls(distillation_model):
     assert isinstance(distillation_model, distillation_model.original_cls)
 
 
+@pytest.mark.filterwarnings("ignore:.*already has an intermediate output")
 def test_forward_signature_replacement(distillation_model):
     student_cls = distillation_model.original_cls
     assert inspect.signature(type(distillation_model).forward) == inspect.signature(
