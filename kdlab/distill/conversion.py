@@ -125,4 +125,12 @@ def restore(model: nn.Module, f: str | os.PathLike) -> nn.Module:
     `model` keeps its class: a checkpoint of a converted model does not re-create the
     distillation wrapper (call `convert` again to distill further).
     """
+    try:
+        kd.load_metadata(f)
+    except Exception as error:  # safetensors' own error type for a file that is none
+        raise ValueError(
+            f"{f}: not a file written by kdlab.distill.save ({error}). A ModelOpt checkpoint "
+            "(mto.save) is a torch pickle: load its weights with model.load_state_dict("
+            "torch.load(path, weights_only=False)['model_state_dict'], strict=False)"
+        ) from error
     return kd.restore(model, f)

@@ -480,3 +480,10 @@ def test_custom_balancer():
     assert balancer.keys == ["student_loss", "LogitsDistillationLoss_0"]
     with pytest.raises(TypeError):
         mtd.DistillationLossBalancer()  # abstract
+
+
+def test_restore_of_a_foreign_file_says_what_it_is(tmp_path: Path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_state_dict": TinyStudent().state_dict()}, path)
+    with pytest.raises(ValueError, match="not a file written by kdlab.distill.save"):
+        mtd.restore(TinyStudent(), path)
