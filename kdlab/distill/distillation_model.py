@@ -236,7 +236,7 @@ _CLASS_CACHE: dict[type, type] = {}
 
 
 def distillation_class(cls: type) -> type:
-    """`Distillation<cls>`: the compat DistillationModel in front of `cls`, with its forward's
+    """`Distill<cls>` (ModelOpt's class name): the compat DistillationModel in front of `cls`, with its forward's
     signature (ModelOpt keeps it for `transformers.utils.find_labels`)."""
     if cls not in _CLASS_CACHE:
         bases: tuple[type, ...] = (DistillationModel, cls)
@@ -249,6 +249,6 @@ def distillation_class(cls: type) -> type:
         with contextlib.suppress(TypeError, ValueError):
             forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
         forward.__doc__ = DistillationModel.forward.__doc__
-        forward.__qualname__ = f"Distillation{cls.__name__}.forward"
-        _CLASS_CACHE[cls] = type(f"Distillation{cls.__name__}", bases, {"forward": forward})
+        forward.__qualname__ = f"Distill{cls.__name__}.forward"
+        _CLASS_CACHE[cls] = type(f"Distill{cls.__name__}", bases, {"forward": forward})
     return _CLASS_CACHE[cls]
