@@ -9,13 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from kdlab.distill.distillation_model import (
-    LOSSES_ATTR,
-    TEACHER_ATTR,
-    DistillationModel,
-    KDConfigError,
-    distillation_class,
-)
+from kdlab.distill.distillation_model import DistillationModel, KDConfigError, distillation_class
 from kdlab.worker import kd
 
 __all__ = ["KDConfigError", "convert", "export", "restore", "save"]
@@ -101,8 +95,7 @@ def export(model: nn.Module) -> nn.Module:
         warnings.warn("Export of model failed: Model is not a `DistillationModel`", stacklevel=2)
         return model
     if isinstance(model, DistillationModel):
-        for name in (TEACHER_ATTR, LOSSES_ATTR):
-            model._modules.pop(name, None)
+        return model.export()
     return kd.export(model)
 
 

@@ -114,10 +114,10 @@ class DistillationModel(kd.DistillationModel):
             yield
 
     def export(self) -> nn.Module:
-        """The student in its original class (as `kdlab.distill.export`)."""
-        from kdlab.distill.conversion import export
-
-        return export(self)
+        """The student in its original class, teacher and losses detached (`mtd.export`)."""
+        for name in (TEACHER_ATTR, LOSSES_ATTR):
+            self._modules.pop(name, None)
+        return kd.export(self)
 
     # ----------------------------------------------------------------------- nn.Module hooks
     def train(self, mode: bool = True) -> DistillationModel:

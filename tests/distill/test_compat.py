@@ -297,6 +297,7 @@ def test_isinstance_original_cls(distillation_model):
     assert isinstance(distillation_model, mtd.DistillationModel)
     assert isinstance(distillation_model, kd.DistillationModel)
     assert distillation_model.original_cls is TinyStudent
+    assert type(distillation_model).__name__ == "DistillTinyStudent"  # ModelOpt's class name
     assert isinstance(distillation_model, distillation_model.original_cls)
 
 
