@@ -56,7 +56,8 @@ class DistillationModel(kd.DistillationModel):
         # that have parameters as `_loss_modules` and the teacher as `_teacher_model`
         criterion = self._modules.pop("_kd_criterion")
         set_plain(self, "_kd_criterion", criterion)  # kd.export deletes it
-        self._loss_modules = nn.ModuleList([m for m in losses if any(True for _ in m.parameters())])
+        with_params = {id(m): m for m in losses if any(True for _ in m.parameters())}  # once each
+        self._loss_modules = nn.ModuleList(with_params.values())
         self._teacher_model = teacher
 
     # -------------------------------------------------------------------- ModelOpt properties

@@ -488,3 +488,16 @@ def test_restore_of_a_foreign_file_says_what_it_is(tmp_path: Path):
     torch.save({"model_state_dict": TinyStudent().state_dict()}, path)
     with pytest.raises(ValueError, match="not a file written by kdlab.distill.save"):
         mtd.restore(TinyStudent(), path)
+
+
+def test_shared_loss_module_listed_once():
+    shared = mtd.MGDLoss(16, 16)
+    config = {
+        "teacher_model": TinyStudent,
+        "criterion": {("features", "features"): shared, ("features.2", "features.2"): shared},
+        "loss_balancer": mtd.StaticLossBalancer([0.5, 0.5]),
+    }
+    dm = mtd.convert(TinyStudent(), mode=[("kd_loss", config)])
+    assert len(dm.loss_modules) == 1
+    assert sum(k.startswith("_loss_modules.0.") for k in dm.state_dict()) == 6
+    assert not any(k.startswith("_loss_modules.1.") for k in dm.state_dict())
