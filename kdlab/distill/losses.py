@@ -14,10 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.worker.kd import losses as kd_losses
-from kdlab.worker.kd.losses import (
-    _kl_div_last,  # the engine's per-position KL (Σ over the class dim); see the compat docs
-    _log_probs,
-)
+from kdlab.worker.kd.losses import kl_div_last, log_probs
 
 __all__ = ["LogitsDistillationLoss", "MFTLoss", "MGDLoss"]
 
@@ -52,8 +49,8 @@ class LogitsDistillationLoss(kd_losses.LogitsKL):
         """Loss of student logits `logits_s` against teacher logits `logits_t` (the target)."""
         if self._reduction == "none":
             student, teacher, _ = self._inputs(logits_s, logits_t, None)
-            per_position = _kl_div_last(
-                _log_probs(teacher, self.temperature), _log_probs(student, self.temperature)
+            per_position = kl_div_last(
+                log_probs(teacher, self.temperature), log_probs(student, self.temperature)
             )
             return self.factor * per_position
         # the engine's loss is the mean over positions (every dim but the last)
@@ -102,7 +99,7 @@ class MFTLoss(kd_losses.MFTLoss):
         _, teacher32, checked = self._inputs(student, teacher, flat_labels)
         assert checked is not None
         corrected = self.corrected_teacher_probs(teacher32, checked)
-        log_s = _log_probs(student, self.temperature)
+        log_s = log_probs(student, self.temperature)
         return self.factor * F.kl_div(log_s, corrected, reduction=self._reduction)
 
 

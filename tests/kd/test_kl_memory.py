@@ -1,6 +1,6 @@
 """Memory and exactness of the KL helper behind LogitsKL / MFTLoss / DKDLoss / GeneralizedJSD.
 
-`_kl_div_last` is an autograd.Function that saves only its two log-probability inputs. The
+`kl_div_last` is an autograd.Function that saves only its two log-probability inputs. The
 bytes autograd keeps for backward are counted with `saved_tensors_hooks` (unique storages), which
 is deterministic, so the bound can be asserted; values and gradients are checked against
 `torch.nn.functional.kl_div` / a hand formula in float64.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.worker.kd import losses
-from kdlab.worker.kd.losses import GeneralizedJSD, LogitsKL, MFTLoss, _kl_div_last
+from kdlab.worker.kd.losses import GeneralizedJSD, LogitsKL, MFTLoss, kl_div_last
 
 B, L, V = 4, 16, 5000
 N = B * L * V
@@ -57,7 +57,7 @@ def measure(
     student, teacher = logits(0, requires_grad=True), logits(1)
     with monkeypatch.context() as m:
         if old:
-            m.setattr(losses, "_kl_div_last", old_kl_div_last)
+            m.setattr(losses, "kl_div_last", old_kl_div_last)
         return saved_bytes(lambda: loss(student, teacher, **kw))
 
 
@@ -119,7 +119,7 @@ def pair_with_zeros(requires_grad_target: bool) -> tuple[Tensor, Tensor]:
 @pytest.mark.parametrize("requires_grad_target", [False, True])
 def test_values_and_gradients_match_reference(requires_grad_target: bool) -> None:
     target_log, input_log = pair_with_zeros(requires_grad_target)
-    got = _kl_div_last(target_log, input_log)
+    got = kl_div_last(target_log, input_log)
     want = reference_kl(target_log.detach(), input_log.detach())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -153,9 +153,7 @@ def test_gradcheck_finite_targets() -> None:
     g = torch.Generator().manual_seed(5)
     target_log = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1)
     input_log = torch.log_softmax(torch.randn(2, 3, 6, generator=g, dtype=torch.float64), -1)
-    torch.autograd.gradcheck(
-        _kl_div_last, (target_log.requires_grad_(), input_log.requires_grad_())
-    )
+    torch.autograd.gradcheck(kl_div_last, (target_log.requires_grad_(), input_log.requires_grad_()))
 
 
 def test_logits_kl_float32_matches_float64_kl_div() -> None:
@@ -184,7 +182,7 @@ def test_masked_vocab_minus_inf_on_both_sides_is_zero() -> None:
     s[:, -3:] = float("-inf")
     t[:, -3:] = float("-inf")
     s.requires_grad_()
-    kl = _kl_div_last(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
+    kl = kl_div_last(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
     live = (torch.log_softmax(t[:, :-3], -1), torch.log_softmax(s[:, :-3].detach(), -1))
     torch.testing.assert_close(kl, reference_kl(*live))
     kl.sum().backward()

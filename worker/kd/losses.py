@@ -45,6 +45,8 @@ __all__ = [
     "MFTLoss",
     "MGDLoss",
     "build_loss",
+    "kl_div_last",
+    "log_probs",
     "loss_parameters",
 ]
 
@@ -180,7 +182,7 @@ class _KLDivLast(torch.autograd.Function):
     """KL(exp(target_log) ‖ exp(input_log)) summed over the last dim, with a hand-written backward.
 
     Autograd saves only the two inputs. They are log-probabilities that the log_softmax producing
-    them already keeps for its own backward, so in the usual ``_kl_div_last(log_softmax(t),
+    them already keeps for its own backward, so in the usual ``kl_div_last(log_softmax(t),
     log_softmax(s))`` no [..., V] tensor is stored beyond those (the composite formula also stored
     exp(target), the masked difference and the bool mask). Backward recomputes p = exp(target_log):
     d/d input_log = −g·p and d/d target_log = g·p·(target_log − input_log + 1), both 0 where p = 0,
@@ -209,7 +211,7 @@ class _KLDivLast(torch.autograd.Function):
         return grad_target, grad_input
 
 
-def _kl_div_last(target_log: Tensor, input_log: Tensor) -> Tensor:
+def kl_div_last(target_log: Tensor, input_log: Tensor) -> Tensor:
     """KL(target ‖ input) summed over the last dim, from log-probabilities; 0·log 0 counts as 0.
 
     Same values and gradients as ``(p · where(p > 0, target_log − input_log, 0)).sum(-1)`` with
@@ -232,7 +234,8 @@ def _masked_batchmean(per_position: Tensor, labels: Tensor | None) -> Tensor:
     return total / keep.sum().clamp_min(1).to(total.dtype)
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T) over the last dim, in float32 (every KL here starts from it)."""
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
@@ -380,9 +383,7 @@ class LogitsKL(_LogitsLoss):
         self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
         student, teacher, labels = self._inputs(student_out, teacher_out, labels)
-        kl = _kl_div_last(
-            _log_probs(teacher, self.temperature), _log_probs(student, self.temperature)
-        )
+        kl = kl_div_last(log_probs(teacher, self.temperature), log_probs(student, self.temperature))
         return self.factor * _masked_batchmean(kl, labels)
 
     def describe(self) -> str:
@@ -452,7 +453,7 @@ class MFTLoss(_LogitsLoss):
         student, teacher, checked = self._inputs(student_out, teacher_out, labels)
         assert checked is not None
         q = self.corrected_teacher_probs(teacher, checked)
-        kl = _kl_div_last(q.log(), _log_probs(student, self.temperature))
+        kl = kl_div_last(q.log(), log_probs(student, self.temperature))
         return self.factor * _masked_batchmean(kl, checked)
 
     def describe(self) -> str:
@@ -511,8 +512,8 @@ class DKDLoss(_LogitsLoss):
         s, t = student / self.temperature, teacher / self.temperature
         target = _safe_targets(checked, torch.zeros_like(checked, dtype=torch.long)).unsqueeze(-1)
         gt = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, target, True)
-        tckd = _kl_div_last(_binary_log_probs(t, gt, target), _binary_log_probs(s, gt, target))
-        nckd = _kl_div_last(
+        tckd = kl_div_last(_binary_log_probs(t, gt, target), _binary_log_probs(s, gt, target))
+        nckd = kl_div_last(
             F.log_softmax(t - 1000.0 * gt, dim=-1), F.log_softmax(s - 1000.0 * gt, dim=-1)
         )
         per_position = (self.alpha * tckd + self.beta * nckd) * self.temperature**2
@@ -572,17 +573,17 @@ class GeneralizedJSD(_LogitsLoss):
         self, student_out: Tensor, teacher_out: Tensor, labels: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
         student, teacher, checked = self._inputs(student_out, teacher_out, labels)
-        log_s = _log_probs(student, self.temperature)
-        log_t = _log_probs(teacher, self.temperature)
+        log_s = log_probs(student, self.temperature)
+        log_t = log_probs(teacher, self.temperature)
         if self.beta == 0:
-            per_position = _kl_div_last(log_t, log_s)
+            per_position = kl_div_last(log_t, log_s)
         elif self.beta == 1:
-            per_position = _kl_div_last(log_s, log_t)
+            per_position = kl_div_last(log_s, log_t)
         else:
             log_m = torch.logsumexp(
                 torch.stack([log_t + math.log(self.beta), log_s + math.log(1 - self.beta)]), dim=0
             )
-            per_position = self.beta * _kl_div_last(log_t, log_m) + (1 - self.beta) * _kl_div_last(
+            per_position = self.beta * kl_div_last(log_t, log_m) + (1 - self.beta) * kl_div_last(
                 log_s, log_m
             )
         return _masked_batchmean(per_position, checked)
