@@ -84,12 +84,14 @@ class _Progress:
 
     def __init__(self, config: pytest.Config) -> None:
         self._reporter = config.pluginmanager.get_plugin("terminalreporter")
+        self._capture = config.pluginmanager.get_plugin("capturemanager")
 
     def __call__(self, line: str) -> None:
-        if self._reporter is not None:
-            self._reporter.write_line(f"[packaging] {line}", flush=True)
-        else:
+        if self._reporter is None or self._capture is None:
             print(f"[packaging] {line}", flush=True)
+            return
+        with self._capture.global_and_fixture_disabled():
+            self._reporter.write_line(f"[packaging] {line}", flush=True)
 
 
 def _step(
@@ -214,7 +216,8 @@ def wheel_venv(
         check=True,
     ).stdout.strip()
     venv = WheelVenv(wheel=wheel, root=venv_dir, site_packages=Path(purelib))
-    pip = [str(venv.python), "-m", "pip", "install", "--progress-bar", "off"]
+    # --no-compile: no bytecode for the 6 GB of torch and friends (a minute on two cores)
+    pip = [str(venv.python), "-m", "pip", "install", "--no-compile", "--progress-bar", "off"]
     _step(
         progress,
         f"installing {', '.join(TORCH_PINS)} and {wheel.name} with its dependencies",

@@ -89,7 +89,10 @@ def main(blocks_path: str, work_dir: str, report_path: str) -> None:
     namespace.update(recorder)
     losses = [float(t.detach()) for t in recorder.bound.get("loss_total", [])]
     inputs = recorder.bound.get("input", [])
-    student_params = dict(student.named_parameters())
+    # the student's own parameters: ModelOpt converts the student in place, so its modules
+    # then include the teacher's
+    teacher_ids = {id(p) for t in teachers for p in t.parameters()}
+    student_params = {n: p for n, p in student.named_parameters() if id(p) not in teacher_ids}
     missing_grads = sorted(n for n, p in student_params.items() if p.grad is None)
     finite_grads = all(
         bool(torch.isfinite(p.grad).all()) for p in student_params.values() if p.grad is not None
@@ -97,7 +100,7 @@ def main(blocks_path: str, work_dir: str, report_path: str) -> None:
     nonzero_grads = sum(
         1 for p in student_params.values() if p.grad is not None and bool(p.grad.any())
     )
-    student_after = snapshot(student.state_dict())
+    student_after = snapshot({k: v for k, v in student.state_dict().items() if k in student_before})
     teacher_report: dict[str, Any] = {"count": len(teachers)}
     if len(teachers) == 1:
         teacher = teachers[0]
@@ -138,8 +141,10 @@ def main(blocks_path: str, work_dir: str, report_path: str) -> None:
             "missing_grads": missing_grads,
             "finite_grads": finite_grads,
             "nonzero_grads": nonzero_grads,
+            "same_names": sorted(student_params)
+            == sorted(n for n, _ in fresh_resnet18.named_parameters()),
             "changed_parameters": changed(
-                {k: student_before[k] for k in student_params}, student_after
+                {k: v for k, v in student_before.items() if k in student_params}, student_after
             ),
             "changed_state": changed(student_before, student_after),
         },

@@ -109,16 +109,21 @@ def test_modelopt_quickstart_runs_on_the_installed_kdlab_distill(
     assert len(report["losses"]) == 3 and report["losses_finite"], report["losses"]
 
     # the student learns: every parameter got a finite gradient (the page's loop has no
-    # optimizer step, so the gradients are what changes), its train-mode state moved
+    # optimizer step, so its parameters stay put: the gradients and the train-mode batch-norm
+    # statistics are what changes)
     student = report["student"]
+    assert student["same_names"], "the student's parameters are not resnet18's"
     assert student["missing_grads"] == [] and student["finite_grads"], student
     assert student["nonzero_grads"] > student["parameters"] // 2, student
-    assert student["changed_state"], "the student's state did not change at all"
+    assert {"bn1.running_mean", "layer4.1.bn2.running_var"} <= set(student["changed_state"]), (
+        "the student did not run in train mode"
+    )
 
     # the teacher is the loaded resnet50, untouched, and no gradient reaches it
     teacher = report["teacher"]
     assert teacher["count"] == 1, "no (or more than one) resnet50 teacher in the meta model"
     assert teacher["changed_parameters"] == [], teacher
+    assert teacher["changed_buffers"] == [], "the teacher ran in train mode"
     assert teacher["with_grad"] == [], teacher
 
     # export gives back a plain torchvision ResNet-18 carrying the trained student, no teacher

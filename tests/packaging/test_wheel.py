@@ -13,6 +13,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -89,7 +90,6 @@ def test_the_wheel_carries_the_pages_assets_recipes_and_migrations_and_nothing_e
     assert has(r"kdlab/migrations/env\.py")
     assert has(r"kdlab/migrations/script\.py\.mako")
     assert has(r"kdlab/migrations/versions/0001_initial\.py")
-    assert has(r"kdlab/distill/__init__\.py") or has(r"kdlab/distill\.py")
     assert has(r"kdlab/py\.typed")
     # every migration script of the repository ships
     repo_versions = {
@@ -120,11 +120,15 @@ def test_kdlab_imports_from_the_venv_and_the_repository_layout_does_not(
     probe = """
 import json, sys
 found = {}
-import kdlab, kdlab.distill as mtd
+import kdlab
 found["kdlab"] = kdlab.__file__
-found["distill"] = mtd.__file__
-found["distill_api"] = [n for n in ("convert", "export", "LogitsDistillationLoss",
-                        "StaticLossBalancer") if not hasattr(mtd, n)]
+try:
+    import kdlab.distill as mtd
+    found["distill"] = mtd.__file__
+    found["distill_api"] = [n for n in ("convert", "export", "LogitsDistillationLoss",
+                            "StaticLossBalancer") if not hasattr(mtd, n)]
+except ImportError as error:
+    found["distill"] = f"{type(error).__name__}: {error}"
 for name in ("backend", "worker"):
     try:
         __import__(name)
@@ -139,12 +143,14 @@ print(json.dumps(found))
     found = json.loads(result.stdout.splitlines()[-1])
     site = wheel_venv.site_packages
     assert Path(found["kdlab"]).is_relative_to(site / "kdlab"), found["kdlab"]
-    assert Path(found["distill"]).is_relative_to(site / "kdlab"), found["distill"]
-    assert found["distill_api"] == [], f"kdlab.distill lacks {found['distill_api']}"
     assert found["backend"] == "ModuleNotFoundError:backend"
     assert found["worker"] == "ModuleNotFoundError:worker"
     repo = str(Path(__file__).resolve().parents[2])
     assert not [p for p in found["path"] if p.startswith(repo)], found["path"]
+    if sys.prefix != sys.base_prefix:  # pytest runs in a venv (CI's): the wheel's sees none of it
+        assert not [p for p in found["path"] if p.startswith(sys.prefix)], found["path"]
+    assert Path(found["distill"]).is_relative_to(site / "kdlab"), found["distill"]
+    assert found["distill_api"] == [], f"kdlab.distill lacks {found['distill_api']}"
 
 
 # ---------------------------------------------------------------------------- kdlab serve
@@ -233,6 +239,7 @@ distill:
   pairs:
     - {student_layer: "", teacher_layer: "", loss: {name: logits_kl, params: {temperature: 4.0}}}
   balancer: {name: static, params: {kd_weight: 0.7}}
+  allow_weak_teacher: true  # a random teacher: this checks the installed engine, not accuracy
 train:
   epochs: 1
   batch_size: 256
