@@ -7,7 +7,8 @@ torch, torchvision and the wheel with its dependencies, then installs the wheel 
 `--no-deps` over a snapshot of site-packages to learn exactly what the wheel itself adds.
 
 Building or installing failing fails every test that uses it, with pip's output tail; it never
-skips. The first use costs about two minutes (torch and torchvision come from local disk).
+skips. The first use costs two to three minutes (torch and torchvision come from local disk).
+The venv (about 6 GB) is removed at the end of the session; KDLAB_KEEP_WHEEL_VENV=1 keeps it.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def _step(
     output: list[str] = []
     for line in process.stdout:
         output.append(line)
-        if line.startswith(("Collecting ", "Installing collected", "Successfully ")):
+        direct = line.startswith("Collecting ") and "(from " not in line
+        if direct or line.startswith(("Installing collected", "Successfully ")):
             progress(f"  {line.rstrip()[:200]}")
     code = process.wait()
     text = "".join(output)
@@ -245,4 +247,8 @@ def wheel_venv(
     venv.added_site_packages = site_after - site_before
     venv.added_bin = bin_after - bin_before
     progress(f"the wheel added {sorted(venv.added_site_packages)} and bin/{sorted(venv.added_bin)}")
-    yield venv
+    try:
+        yield venv
+    finally:  # 6 GB: pytest keeps its last three temp roots
+        if os.environ.get("KDLAB_KEEP_WHEEL_VENV") != "1":
+            shutil.rmtree(venv_dir, ignore_errors=True)

@@ -101,8 +101,11 @@ def test_modelopt_quickstart_runs_on_the_installed_kdlab_distill(
         timeout=180,
     )
     assert result.returncode == 0, f"the quick start failed:\n{result.stdout}\n{result.stderr}"
-    report = json.loads((work / "report.json").read_text())
+    check_report(json.loads((work / "report.json").read_text()))
 
+
+def check_report(report: dict) -> None:
+    """What a user would check after running the quick start (quickstart_harness.py's report)."""
     # the loop went through every batch and every combined loss is a number
     assert report["batches"] == 3
     assert report["inputs_seen"] == 3 and report["inputs_match_loader"]

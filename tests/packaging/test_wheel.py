@@ -25,6 +25,9 @@ from tests.conftest import free_port
 from tests.helpers import wait_for
 from tests.packaging.conftest import WheelVenv
 
+# every test here needs `wheel_venv`: two to three minutes to build and install, once a session
+pytestmark = pytest.mark.slow
+
 DIST_INFO = re.compile(r"^kdlab-[^/]+\.dist-info$")
 
 
@@ -167,7 +170,6 @@ def _stop(process: subprocess.Popen[str]) -> None:
             process.wait(10)
 
 
-@pytest.mark.slow
 def test_kdlab_serve_answers_serves_the_pages_and_migrates(wheel_venv: WheelVenv, tmp_path: Path):
     data = tmp_path / "data"
     port = free_port()
@@ -247,7 +249,6 @@ train:
 """
 
 
-@pytest.mark.slow
 def test_kdlab_train_distils_a_tiny_digits_run_and_exports_the_student(
     wheel_venv: WheelVenv, tmp_path: Path
 ):
