@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +164,7 @@ def _site_entries(venv: WheelVenv) -> tuple[set[str], set[str]]:
 @pytest.fixture(scope="session")
 def wheel_venv(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WheelVenv]:
+) -> WheelVenv:
     progress = _Progress(request.config)
     root = tmp_path_factory.mktemp("wheel-venv")
     build_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -197,6 +196,8 @@ def wheel_venv(
 
     base = Path(getattr(sys, "_base_executable", sys.executable))
     venv_dir = root / "venv"
+    if os.environ.get("KDLAB_KEEP_WHEEL_VENV") != "1":  # 6 GB; pytest keeps its last 3 temp roots
+        request.addfinalizer(lambda: shutil.rmtree(venv_dir, ignore_errors=True))
     clean = WheelVenv(wheel=wheel, root=venv_dir, site_packages=venv_dir)  # env() only
     _step(
         progress,
@@ -247,8 +248,4 @@ def wheel_venv(
     venv.added_site_packages = site_after - site_before
     venv.added_bin = bin_after - bin_before
     progress(f"the wheel added {sorted(venv.added_site_packages)} and bin/{sorted(venv.added_bin)}")
-    try:
-        yield venv
-    finally:  # 6 GB: pytest keeps its last three temp roots
-        if os.environ.get("KDLAB_KEEP_WHEEL_VENV") != "1":
-            shutil.rmtree(venv_dir, ignore_errors=True)
+    return venv
