@@ -171,20 +171,27 @@ class ApiToken(Base):
 
 
 class MetricRollup(Base):
-    """Per-series aggregates over aligned blocks of ROLLUP_WIDTH steps, kept by the ingest.
+    """Exact per-series aggregates over aligned blocks of `level` steps (16, 64, ... 4,096;
+    kdlab.backend.services.rollups.LEVELS), kept by the ingest.
 
-    Compare queries coarser than one block per output bucket read these instead of every point:
-    min/max stay exact because each output bucket is a union of whole blocks.
+    Chart queries read these instead of every point: a bucket is a union of whole blocks (of
+    the coarsest level that fits), plus finer blocks and raw points only where a block
+    straddles a bucket edge, so min/max stay exact.
     """
 
     __tablename__ = "metric_rollups"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(250), primary_key=True)
-    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # step // ROLLUP_WIDTH
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)  # block width in steps
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # step // level
     count: Mapped[int] = mapped_column(Integer)
     total: Mapped[float] = mapped_column(Float)
     min_value: Mapped[float] = mapped_column(Float)
     max_value: Mapped[float] = mapped_column(Float)
+    first_step: Mapped[int] = mapped_column(BigInteger)
     last_step: Mapped[int] = mapped_column(BigInteger)
-    last_time: Mapped[float] = mapped_column(Float)
+    first_time: Mapped[float] = mapped_column(Float)  # wall time of the point at first_step
+    last_time: Mapped[float] = mapped_column(Float)  # wall time of the point at last_step
+    min_time: Mapped[float] = mapped_column(Float)
+    max_time: Mapped[float] = mapped_column(Float)

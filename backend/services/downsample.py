@@ -1,25 +1,40 @@
-"""Downsampling one metric series in SQL: GROUP BY an integer bucket of x, min/max exact.
+"""Downsampling metric series in SQL, every series of a request in a few statements.
 
-The x range [lo, hi] of the (zoomed) series is split into `n` equal ranges:
+Each series (run × key) of the (zoomed) window is split into at most `n = max_points` buckets;
+per bucket: `min` and `max` of its values (exact, so a one-step spike always shows), `value` =
+their mean, `step` = the largest step and `time` = the latest wall time in it. Empty buckets are
+left out. A series with at most `n` points (or whose buckets would each hold one point) comes
+back unchanged (min = max = value).
 
-- x = step: bucket = (step - lo) * n // (hi - lo + 1), integer arithmetic, so bucket `i` holds
-  the steps in [lo + i·w, lo + (i+1)·w) with w = (hi - lo + 1) / n;
-- x = time: bucket = min(floor((wall_time - lo) * (n / (hi - lo))), n - 1), in doubles, so the
-  last point (time = hi) falls in the last bucket.
+The bucket edges (the documented rule the tests recompute):
 
-Per bucket: `min` and `max` of the values (exact, so a one-step spike always shows), `value` =
-their mean, `step` = the largest step and `time` = the latest wall time in it (the last point's,
-for a run that logs in order). Empty buckets are left out. A series with at most `n` points is
-returned unchanged (min = max = value). Nothing but the ≤ n bucket rows leaves the database.
+- x = step, lo/hi = the first/last step of the series inside the window:
+  - if some roll-up level `w` (16, 64, 256, 1,024, 4,096 steps; `rollups.LEVELS`) has at least
+    `n` blocks in [lo, hi] — `blocks = hi // w - lo // w + 1` — take the coarsest such `w` and
+    `k = ceil(blocks / n)`: step `s` falls in bucket `(s // w - lo // w) // k` (buckets are `k`
+    whole aligned blocks of `w` steps; the window's edges cut the first and last);
+  - otherwise equal step ranges: bucket `(s - lo) * n // (hi - lo + 1)`.
+- x = time, lo = the larger of `min_time` and the series' earliest time, hi = the smaller of
+  `max_time` and its latest: bucket `min(floor((t - lo) * (n / (hi - lo))), n - 1)` in doubles
+  (0 when hi = lo), so the last point falls in the last bucket.
 
-For x = step, when the range spans at least one 64-step block per bucket, the buckets are read
-from the roll-up table (`kdlab.backend.services.rollups`) instead of the points: each bucket is then a
-whole number of blocks (its edges snap to multiples of 64 steps) and min/max stay exact.
+How it is answered (`downsample_many`): one statement for the bounds of every series; then, per
+roll-up level from the coarsest down, one statement over all series: a block wholly inside the
+window whose first and last x fall in the same bucket contributes whole (for x = time its
+[min_time, max_time]; a block holds points in step order, so a resumed run whose wall time jumps
+back only makes its blocks straddle more), and only the blocks that straddle a bucket edge or
+the window's edge are looked at again on the next finer level; last, one statement for the raw
+points of the finest straddling blocks (or of the whole window when no level has `n` blocks in
+it, for x = step). Nothing but bucket rows leaves the database. A window that filters on the
+other axis (a step range with x = time, or a time range with x = step) is answered per series
+from the raw points (`downsample`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -35,12 +50,13 @@ from sqlalchemy import (
     literal,
     literal_column,
     select,
+    text,
 )
 from sqlalchemy.orm import Session
 
 from kdlab.backend.db.models import Metric
 from kdlab.backend.schemas.metrics import SeriesOut, XAxis
-from kdlab.backend.services import rollups
+from kdlab.backend.services.rollups import COARSEST, FINEST, LEVELS, MAX_STEP, RATIO
 
 _m = Metric.__table__.c
 # (hi - lo) * n must stay inside a signed 64-bit integer for the exact integer bucket
@@ -111,6 +127,11 @@ def _raw(session: Session, run_id: str, key: str, window: Window) -> SeriesOut:
         .where(and_(*_conditions(run_id, key, window)))
         .order_by(*order)
     ).all()
+    return _listed(run_id, key, [tuple(row) for row in rows])
+
+
+def _listed(run_id: str, key: str, rows: list[tuple[Any, ...]]) -> SeriesOut:
+    """A series of its raw (step, time, value) points."""
     if not rows:
         return _empty(run_id, key)
     steps, times, values = (list(column) for column in zip(*rows, strict=True))
@@ -126,35 +147,9 @@ def _raw(session: Session, run_id: str, key: str, window: Window) -> SeriesOut:
     )
 
 
-def downsample(session: Session, run_id: str, key: str, window: Window) -> SeriesOut:
-    """At most `window.max_points` buckets of one series (see the module docstring)."""
-    n = window.max_points
-    conditions = _conditions(run_id, key, window)
-    x = _m.step if window.x == "step" else _m.wall_time
-    if window.x == "step":
-        # two scalar subqueries, each a single index seek (SQLite's min/max optimisation only
-        # applies to a lone min() or max())
-        bounds = select(
-            select(func.min(x)).where(*conditions).scalar_subquery(),
-            select(func.max(x)).where(*conditions).scalar_subquery(),
-        )
-    else:
-        bounds = select(func.min(x), func.max(x)).where(*conditions)  # one scan, no index
-    lo, hi = session.execute(bounds).one()
-    if lo is None:
-        return _empty(run_id, key)
-    if window.x == "step" and hi - lo + 1 <= n:
-        return _raw(session, run_id, key, window)  # at most one point per step: nothing to merge
-
-    rows = None
-    if window.x == "step":
-        rows = rollups.downsample_blocks(session, run_id, key, int(lo), int(hi), n)
-    if rows is None:
-        rows = _grouped(session, window, conditions, lo, hi)
-    total = sum(row[1] for row in rows)
-    if total <= n and total != len(rows):
-        return _raw(session, run_id, key, window)  # few points, but some shared a bucket
-    _, _, mins, maxs, means, steps, times = (list(column) for column in zip(*rows, strict=True))
+def _bucketed(run_id: str, key: str, rows: list[Any]) -> SeriesOut:
+    """A series of (bucket, count, min, max, mean, last step, last time) rows."""
+    _, counts, mins, maxs, means, steps, times = (list(c) for c in zip(*rows, strict=True))
     return SeriesOut(
         run_id=run_id,
         key=key,
@@ -163,8 +158,27 @@ def downsample(session: Session, run_id: str, key: str, window: Window) -> Serie
         value=[float(v) for v in means],
         min=[float(v) for v in mins],
         max=[float(v) for v in maxs],
-        points=int(total),
+        points=int(sum(counts)),
     )
+
+
+def downsample(session: Session, run_id: str, key: str, window: Window) -> SeriesOut:
+    """At most `window.max_points` buckets of one series, from its raw points: equal ranges of
+    [lo, hi] (the series' extremes of x inside the window). For windows `downsample_many`
+    does not answer from the roll-ups."""
+    n = window.max_points
+    conditions = _conditions(run_id, key, window)
+    x = _m.step if window.x == "step" else _m.wall_time
+    lo, hi = session.execute(select(func.min(x), func.max(x)).where(*conditions)).one()
+    if lo is None:
+        return _empty(run_id, key)
+    if window.x == "step" and hi - lo + 1 <= n:
+        return _raw(session, run_id, key, window)  # at most one point per step: nothing to merge
+    rows = _grouped(session, window, conditions, lo, hi)
+    total = sum(row[1] for row in rows)
+    if total <= n and total != len(rows):
+        return _raw(session, run_id, key, window)  # few points, but some shared a bucket
+    return _bucketed(run_id, key, rows)
 
 
 def _grouped(
@@ -194,3 +208,329 @@ def _grouped(
         .order_by(by_bucket)
     ).all()
     return list(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# many series at once, from the roll-ups
+
+
+@dataclass
+class _Series:
+    """One series' plan: its bucket rule (see the module docstring) and what is left to read.
+
+    x = step: bucket(s) = ((s // unit) - base) * mul // div, with (unit, base, mul, div) =
+    (w, lo // w, 1, k) on blocks or (1, lo, n, hi - lo + 1) on raw points.
+    x = time: bucket(t) = min(floor((t - tlo) * scale), n - 1).
+    """
+
+    run_id: str
+    key: str
+    unit: int = 1
+    base: int = 0
+    mul: int = 1
+    div: int = 1
+    tlo: float = 0.0
+    scale: float = 0.0
+    listed: bool = False  # few points: all of them, unbucketed
+    level: int = COARSEST  # the roll-up level `blocks` are ranges of
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # block ranges at this level
+    steps: list[tuple[int, int]] = field(default_factory=list)  # raw step ranges
+    buckets: dict[int, list[Any]] = field(default_factory=dict)
+
+    def params(self) -> list[Any]:
+        return [self.run_id, self.key, self.unit, self.base, self.mul, self.div]
+
+    def add(self, bucket: int, count: int, total: float, low: float, high: float,
+            step: int, time: float) -> None:  # fmt: skip
+        acc = self.buckets.get(bucket)
+        if acc is None:
+            self.buckets[bucket] = [count, total, low, high, step, time]
+        else:
+            acc[0] += count
+            acc[1] += total
+            acc[2] = min(acc[2], low)
+            acc[3] = max(acc[3], high)
+            acc[4] = max(acc[4], step)
+            acc[5] = max(acc[5], time)
+
+
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, adjacent or overlapping ranges merged."""
+    merged: list[list[int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    return [(low, high) for low, high in merged]
+
+
+class _Sql:
+    """The dialect's spelling of the few things the statements need."""
+
+    def __init__(self, session: Session) -> None:
+        self.sqlite = session.get_bind().dialect.name == "sqlite"
+
+    def rows(self, names: Sequence[tuple[str, str]]) -> str:
+        """A FROM item `q` of the JSON array of arrays bound to :rows, columns `names`
+        ((name, PostgreSQL type))."""
+        if self.sqlite:
+            columns = ", ".join(
+                f"json_extract(value, '$[{i}]') AS {name}" for i, (name, _) in enumerate(names)
+            )
+            return f"(SELECT {columns} FROM json_each(:rows)) AS q"
+        columns = ", ".join(
+            f"CAST(e ->> {i} AS {kind}) AS {name}" for i, (name, kind) in enumerate(names)
+        )
+        return f"(SELECT {columns} FROM json_array_elements(CAST(:rows AS json)) AS e) AS q"
+
+    def floor(self, expression: str) -> str:
+        """floor() of a non-negative double as an integer (as `_floor_to_int`)."""
+        if self.sqlite:
+            return f"CAST({expression} AS INTEGER)"
+        return f"CAST(floor({expression}) AS BIGINT)"
+
+
+_KEYS = (("sidx", "int"), ("run_id", "text"), ("key", "text"), ("lo", "bigint"), ("hi", "bigint"))
+_STEP_RULE = (("unit", "bigint"), ("base", "bigint"), ("mul", "bigint"), ("div", "bigint"))
+_TIME_RULE = (("tlo", "float8"), ("scale", "float8"), ("n", "bigint"))
+
+
+class _Request:
+    """The statements of one `downsample_many` call."""
+
+    def __init__(self, session: Session, window: Window) -> None:
+        self.session = session
+        self.window = window
+        self.sql = _Sql(session)
+        self.time = window.x == "time"
+        self.columns = _KEYS + (_TIME_RULE if self.time else _STEP_RULE)
+        self.binds: dict[str, Any] = {}
+        # the window's own filters on the roll-up rows (r) and points (m)
+        self.inside: list[str] = []  # a block wholly inside the window
+        self.outside: list[str] = []  # a block wholly outside it
+        self.points: list[str] = []  # a point inside it
+        w = window
+        for name, value, inside, outside, point in (
+            ("a", w.min_step, "r.first_step >= :a", "r.last_step < :a", "m.step >= :a"),
+            ("b", w.max_step, "r.last_step <= :b", "r.first_step > :b", "m.step <= :b"),
+            ("ta", w.min_time, "r.min_time >= :ta", "r.max_time < :ta", "m.wall_time >= :ta"),
+            ("tb", w.max_time, "r.max_time <= :tb", "r.min_time > :tb", "m.wall_time <= :tb"),
+        ):
+            if value is not None:
+                self.binds[name] = value
+                self.inside.append(inside)
+                self.outside.append(outside)
+                self.points.append(point)
+
+    def bucket(self, x: str) -> str:
+        if self.time:
+            raw = self.sql.floor(f"(({x}) - q.tlo) * q.scale")
+            return f"CASE WHEN {raw} >= q.n THEN q.n - 1 ELSE {raw} END"
+        return f"((({x}) / q.unit) - q.base) * q.mul / q.div"
+
+    def param_rows(self, series: list[_Series], which: str, width: int = 0) -> str:
+        rows: list[list[Any]] = []
+        for index, one in enumerate(series):
+            if which == "blocks" and one.level != width:
+                continue
+            rule: list[Any] = (
+                [one.tlo, one.scale, self.window.max_points]
+                if self.time
+                else [one.unit, one.base, one.mul, one.div]
+            )
+            for low, high in one.blocks if which == "blocks" else one.steps:
+                rows.append([index, one.run_id, one.key, low, high, *rule])
+        return json.dumps(rows)
+
+    def execute(self, statement: str, rows: str) -> list[Any]:
+        return list(self.session.execute(text(statement), {**self.binds, "rows": rows}).all())
+
+    def level(self, series: list[_Series], width: int) -> None:
+        """Whole blocks of level `width` into their buckets; the straddling ones become the
+        next finer level's block ranges (or, on the finest, raw step ranges)."""
+        if not any(one.blocks and one.level == width for one in series):
+            return
+        x_lo, x_hi = ("r.min_time", "r.max_time") if self.time else ("r.first_step", "r.last_step")
+        inside = " AND ".join(self.inside) or "1 = 1"
+        outside = " OR ".join(self.outside) or "1 = 0"
+        statement = (
+            "WITH c AS (SELECT q.sidx AS sidx, r.block AS block, r.count AS n, r.total AS total, "
+            "r.min_value AS lo, r.max_value AS hi, r.last_step AS ls, r.max_time AS t1, "
+            f"{self.bucket(x_lo)} AS b0, {self.bucket(x_hi)} AS b1, "
+            f"CASE WHEN {inside} THEN 1 ELSE 0 END AS inside, "
+            f"CASE WHEN {outside} THEN 1 ELSE 0 END AS outside "
+            f"FROM {self.sql.rows(self.columns)} JOIN metric_rollups r "
+            f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {width} "
+            "AND r.block >= q.lo AND r.block <= q.hi) "
+            "SELECT 0, sidx, b0, sum(n), sum(total), min(lo), max(hi), max(ls), max(t1) "
+            "FROM c WHERE inside = 1 AND b0 = b1 GROUP BY sidx, b0 "
+            "UNION ALL SELECT 1, sidx, block, 0, 0, 0, 0, 0, 0 "
+            "FROM c WHERE outside = 0 AND NOT (inside = 1 AND b0 = b1)"
+        )
+        rows = self.execute(statement, self.param_rows(series, "blocks", width))
+        straddling: dict[int, list[int]] = {}
+        for kind, sidx, b, n, total, low, high, step, time in rows:
+            if kind == 0:
+                series[sidx].add(int(b), int(n), total, low, high, int(step), time)
+            else:
+                straddling.setdefault(sidx, []).append(int(b))
+        for index, one in enumerate(series):
+            if one.level != width:
+                continue
+            found = straddling.get(index, [])
+            one.blocks, one.level = [], width // RATIO
+            if width == FINEST:
+                one.steps += _coalesce(
+                    [(b * width, min(b * width + width - 1, MAX_STEP)) for b in found]
+                )
+            else:
+                one.blocks = _coalesce([(b * RATIO, b * RATIO + RATIO - 1) for b in found])
+
+    def raw(self, series: list[_Series]) -> None:
+        """The points of every series' raw step ranges into their buckets."""
+        if not any(one.steps for one in series):
+            return
+        inside = "".join(f" AND {condition}" for condition in self.points)
+        statement = (
+            "SELECT sidx, b, count(*), sum(v), min(v), max(v), max(s), max(t) FROM ("
+            f"SELECT q.sidx AS sidx, {self.bucket('m.wall_time' if self.time else 'm.step')} "
+            "AS b, m.value AS v, m.step AS s, m.wall_time AS t "
+            f"FROM {self.sql.rows(self.columns)} JOIN metrics m "
+            "ON m.run_id = q.run_id AND m.key = q.key AND m.step >= q.lo AND m.step <= q.hi"
+            f"{inside}) AS p GROUP BY sidx, b"
+        )
+        for sidx, b, n, total, low, high, step, time in self.execute(
+            statement, self.param_rows(series, "steps")
+        ):
+            series[sidx].add(int(b), int(n), total, low, high, int(step), time)
+        for one in series:
+            one.steps = []
+
+    def listed(self, series: list[_Series]) -> dict[int, list[tuple[Any, ...]]]:
+        """The raw (step, time, value) points of the series marked `listed`, in x order, by
+        their index in `series`."""
+        low = self.window.min_step if self.window.min_step is not None else 0
+        high = self.window.max_step if self.window.max_step is not None else MAX_STEP
+        for one in series:
+            one.steps = [(low, high)] if one.listed else []
+        if not any(one.listed for one in series):
+            return {}
+        inside = "".join(f" AND {condition}" for condition in self.points)
+        order = "m.wall_time, m.step" if self.time else "m.step"
+        statement = (
+            "SELECT q.sidx, m.step, m.wall_time, m.value "
+            f"FROM {self.sql.rows(self.columns)} JOIN metrics m "
+            "ON m.run_id = q.run_id AND m.key = q.key AND m.step >= q.lo AND m.step <= q.hi"
+            f"{inside} ORDER BY q.sidx, {order}"
+        )
+        out: dict[int, list[tuple[Any, ...]]] = {}
+        for sidx, step, time, value in self.execute(statement, self.param_rows(series, "steps")):
+            out.setdefault(sidx, []).append((step, time, value))
+        for one in series:
+            one.steps = []
+        return out
+
+
+def _step_plan(one: _Series, n: int, lo: int, hi: int) -> None:
+    if hi - lo + 1 <= n:
+        one.listed = True  # at most one point per step: nothing to merge
+        return
+    for width in reversed(LEVELS):
+        blocks = hi // width - lo // width + 1
+        if blocks >= n:
+            one.unit, one.base, one.mul, one.div = width, lo // width, 1, -(-blocks // n)
+            one.level, one.blocks = width, [(lo // width, hi // width)]
+            return
+    one.unit, one.base, one.mul, one.div = 1, lo, n, hi - lo + 1
+    one.steps = [(lo, hi)]
+
+
+def downsample_many(
+    session: Session, pairs: Sequence[tuple[str, str]], window: Window
+) -> list[SeriesOut]:
+    """`downsample` of every (run, key) in `pairs`, in order, in a constant number of
+    statements (see the module docstring)."""
+    if not pairs:
+        return []
+    cross = (window.x == "step" and (window.min_time, window.max_time) != (None, None)) or (
+        window.x == "time" and (window.min_step, window.max_step) != (None, None)
+    )
+    if cross:
+        return [downsample(session, run_id, key, window) for run_id, key in pairs]
+    n = window.max_points
+    request = _Request(session, window)
+    series = [_Series(run_id, key) for run_id, key in pairs]
+    keys = json.dumps([[i, run_id, key] for i, (run_id, key) in enumerate(pairs)])
+    rows_of = request.sql.rows((("sidx", "int"), ("run_id", "text"), ("key", "text")))
+    if window.x == "step":
+        low = window.min_step if window.min_step is not None else 0
+        high = window.max_step if window.max_step is not None else MAX_STEP
+        # two correlated min/max per series: each one index seek
+        within = "m.run_id = q.run_id AND m.key = q.key AND m.step >= :a AND m.step <= :b"
+        bounds = session.execute(
+            text(
+                f"SELECT q.sidx, (SELECT min(m.step) FROM metrics m WHERE {within}), "
+                f"(SELECT max(m.step) FROM metrics m WHERE {within}) FROM {rows_of}"
+            ),
+            {"rows": keys, "a": low, "b": high},
+        ).all()
+        present = set()
+        for sidx, lo, hi in bounds:
+            if lo is not None:
+                present.add(sidx)
+                _step_plan(series[sidx], n, int(lo), int(hi))
+    else:
+        # the time range of each series from its coarsest blocks, in one GROUP BY
+        bounds = session.execute(
+            text(
+                "SELECT q.sidx, min(r.min_time), max(r.max_time), sum(r.count), "
+                f"min(r.block), max(r.block) FROM {rows_of} JOIN metric_rollups r "
+                f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {COARSEST} "
+                "GROUP BY q.sidx"
+            ),
+            {"rows": keys},
+        ).all()
+        present = set()
+        for sidx, first, last, count, b0, b1 in bounds:
+            one = series[sidx]
+            tlo = first if window.min_time is None else max(first, window.min_time)
+            thi = last if window.max_time is None else min(last, window.max_time)
+            if tlo > thi:
+                continue
+            present.add(sidx)
+            if count <= n:
+                one.listed = True
+                continue
+            one.tlo, one.scale = float(tlo), (n / (thi - tlo) if thi > tlo else 0.0)
+            one.blocks = [(int(b0), int(b1))]
+    active = [series[i] for i in sorted(present) if not series[i].listed]
+    for width in reversed(LEVELS):
+        request.level(active, width)
+    request.raw(active)
+    # few points, but some shared a bucket: the points themselves
+    for one in active:
+        total = sum(acc[0] for acc in one.buckets.values())
+        if total <= n and total != len(one.buckets):
+            one.listed = True
+    listed = request.listed(series)
+    result: list[SeriesOut] = []
+    for index, one in enumerate(series):
+        if index not in present:
+            result.append(_empty(one.run_id, one.key))
+        elif one.listed:
+            result.append(_listed(one.run_id, one.key, listed.get(index, [])))
+        elif not one.buckets:
+            result.append(_empty(one.run_id, one.key))
+        else:
+            result.append(
+                _bucketed(
+                    one.run_id,
+                    one.key,
+                    [
+                        (b, acc[0], acc[2], acc[3], acc[1] / acc[0], acc[4], acc[5])
+                        for b, acc in sorted(one.buckets.items())
+                    ],
+                )
+            )
+    return result

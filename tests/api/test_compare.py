@@ -37,17 +37,18 @@ def _compare(client, runs, keys, **params):
     return response.json()["series"]
 
 
-ROLLUP_WIDTH = 64  # the documented block size of the step roll-ups
+LEVELS = (16, 64, 256, 1024, 4096)  # the documented block sizes of the step roll-ups
 
 
 def _step_buckets(steps: np.ndarray, lo: int, hi: int, max_points: int) -> np.ndarray:
-    """The documented bucket of each step: whole 64-step blocks when the range spans at least
-    one block per bucket, otherwise equal step ranges."""
-    first, last = lo // ROLLUP_WIDTH, hi // ROLLUP_WIDTH
-    blocks = last - first + 1
-    if blocks >= max_points:
-        per_bucket = -(-blocks // max_points)
-        return (steps // ROLLUP_WIDTH - first) // per_bucket
+    """The documented bucket of each step: whole blocks of the coarsest roll-up level with at
+    least one block per bucket, otherwise equal step ranges."""
+    for width in reversed(LEVELS):
+        first, last = lo // width, hi // width
+        blocks = last - first + 1
+        if blocks >= max_points:
+            per_bucket = -(-blocks // max_points)
+            return (steps // width - first) // per_bucket
     return (steps - lo) * max_points // (hi - lo + 1)
 
 
