@@ -27,12 +27,13 @@ the window's edge are looked at again on the next finer level; last, one stateme
 points of the finest straddling blocks (or of the whole window when no level has `n` blocks in
 it, for x = step). Nothing but bucket rows leaves the database. A window that filters on the
 other axis (a step range with x = time, or a time range with x = step) is answered per series
-from the raw points (`downsample`).
+from the raw points (`downsample`): equal ranges between the extremes of x inside the window.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,6 @@ from sqlalchemy import (
     literal,
     literal_column,
     select,
-    text,
 )
 from sqlalchemy.orm import Session
 
@@ -150,12 +150,13 @@ def _listed(run_id: str, key: str, rows: list[tuple[Any, ...]]) -> SeriesOut:
 def _bucketed(run_id: str, key: str, rows: list[Any]) -> SeriesOut:
     """A series of (bucket, count, min, max, mean, last step, last time) rows."""
     _, counts, mins, maxs, means, steps, times = (list(c) for c in zip(*rows, strict=True))
-    return SeriesOut(
+    # the values are the driver's ints and floats already: no validation pass over them
+    return SeriesOut.model_construct(
         run_id=run_id,
         key=key,
-        step=[int(s) for s in steps],
+        step=steps,
         time=[float(t) for t in times],
-        value=[float(v) for v in means],
+        value=means,
         min=[float(v) for v in mins],
         max=[float(v) for v in maxs],
         points=int(sum(counts)),
@@ -233,6 +234,7 @@ class _Series:
     scale: float = 0.0
     listed: bool = False  # few points: all of them, unbucketed
     level: int = COARSEST  # the roll-up level `blocks` are ranges of
+    width: int = 1  # x = step on roll-ups: the bucket width W (a power of two ≥ FINEST)
     blocks: list[tuple[int, int]] = field(default_factory=list)  # block ranges at this level
     steps: list[tuple[int, int]] = field(default_factory=list)  # raw step ranges
     buckets: dict[int, list[Any]] = field(default_factory=dict)
@@ -272,17 +274,30 @@ class _Sql:
         self.sqlite = session.get_bind().dialect.name == "sqlite"
 
     def rows(self, names: Sequence[tuple[str, str]]) -> str:
-        """A FROM item `q` of the JSON array of arrays bound to :rows, columns `names`
-        ((name, PostgreSQL type))."""
+        """A materialized CTE `q` of the JSON array of arrays bound to :rows, columns `names`
+        ((name, PostgreSQL type)): each JSON element is parsed once, not once per row that
+        refers to it."""
         if self.sqlite:
             columns = ", ".join(
                 f"json_extract(value, '$[{i}]') AS {name}" for i, (name, _) in enumerate(names)
             )
-            return f"(SELECT {columns} FROM json_each(:rows)) AS q"
+            return f"q AS MATERIALIZED (SELECT {columns} FROM json_each(:rows))"
         columns = ", ".join(
             f"CAST(e ->> {i} AS {kind}) AS {name}" for i, (name, kind) in enumerate(names)
         )
-        return f"(SELECT {columns} FROM json_array_elements(CAST(:rows AS json)) AS e) AS q"
+        return f"q AS MATERIALIZED (SELECT {columns} FROM json_array_elements(CAST(:rows AS json)) AS e)"
+
+    def execute(self, session: Session, statement: str, params: dict[str, Any]) -> list[Any]:
+        """Plain tuples straight from the driver (`:name` parameters): the statements return
+        up to a few hundred thousand rows, and SQLAlchemy's Row objects would cost more than
+        the query."""
+        if not self.sqlite:  # psycopg's named style
+            statement = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", statement.replace("%", "%%"))
+        result = session.connection().exec_driver_sql(statement, params)
+        try:
+            return list(result.cursor.fetchall()) if result.cursor is not None else []
+        finally:
+            result.close()
 
     def floor(self, expression: str) -> str:
         """floor() of a non-negative double as an integer (as `_floor_to_int`)."""
@@ -344,23 +359,76 @@ class _Request:
         return json.dumps(rows)
 
     def execute(self, statement: str, rows: str) -> list[Any]:
-        return list(self.session.execute(text(statement), {**self.binds, "rows": rows}).all())
+        return self.sql.execute(self.session, statement, {**self.binds, "rows": rows})
 
     def level(self, series: list[_Series], width: int) -> None:
         """Whole blocks of level `width` into their buckets; the straddling ones become the
         next finer level's block ranges (or, on the finest, raw step ranges)."""
         if not any(one.blocks and one.level == width for one in series):
             return
+        straddling = self.time_level(series, width) if self.time else self.step_level(series, width)
+        for index, one in enumerate(series):
+            if one.level != width:
+                continue
+            found = straddling.get(index, [])
+            one.blocks, one.level = [], width // RATIO
+            if width == FINEST:
+                one.steps += _coalesce(
+                    [(b * width, min(b * width + width - 1, MAX_STEP)) for b in found]
+                )
+            else:
+                one.blocks = _coalesce([(b * RATIO, b * RATIO + RATIO - 1) for b in found])
+
+    def step_level(self, series: list[_Series], width: int) -> dict[int, list[int]]:
+        """x = step: every block of level `width` (≤ the series' bucket width, so it lies in
+        one bucket) that is wholly inside the window goes to bucket
+        `block // (W / width) - base`, row by row (mostly one block per bucket: no GROUP BY);
+        those that cross the window's edge are returned."""
+        inside = " AND ".join(self.inside) or "1 = 1"
+        outside = "".join(f" AND NOT ({condition})" for condition in self.outside)
+        statement = (
+            f"WITH {self.sql.rows(self.columns)} "
+            "SELECT q.sidx, r.block, r.count, r.total, r.min_value, r.max_value, r.last_step, "
+            f"r.max_time, CASE WHEN {inside} THEN 1 ELSE 0 END FROM q JOIN metric_rollups r "
+            f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {width} "
+            f"AND r.block >= q.lo AND r.block <= q.hi{outside}"
+        )
+        straddling: dict[int, list[int]] = {}
+        rows = self.execute(statement, self.param_rows(series, "blocks", width))
+        current, per, base, buckets = -1, 1, 0, {}
+        for sidx, block, n, total, low, high, step, time, whole in rows:
+            if not whole:
+                straddling.setdefault(sidx, []).append(block)
+                continue
+            if sidx != current:
+                one = series[sidx]
+                current, per, base, buckets = sidx, one.width // width, one.base, one.buckets
+            bucket = block // per - base
+            acc = buckets.get(bucket)
+            if acc is None:
+                buckets[bucket] = [n, total, low, high, step, time]
+            else:
+                acc[0] += n
+                acc[1] += total
+                acc[2] = min(acc[2], low)
+                acc[3] = max(acc[3], high)
+                acc[4] = max(acc[4], step)
+                acc[5] = max(acc[5], time)
+        return straddling
+
+    def time_level(self, series: list[_Series], width: int) -> dict[int, list[int]]:
+        """x = time: blocks of level `width` wholly inside the window whose [min_time,
+        max_time] lies in one bucket, summed per bucket in SQL; the others are returned."""
         x_lo, x_hi = ("r.min_time", "r.max_time") if self.time else ("r.first_step", "r.last_step")
         inside = " AND ".join(self.inside) or "1 = 1"
         outside = " OR ".join(self.outside) or "1 = 0"
         statement = (
-            "WITH c AS (SELECT q.sidx AS sidx, r.block AS block, r.count AS n, r.total AS total, "
+            f"WITH {self.sql.rows(self.columns)}, c AS (SELECT q.sidx AS sidx, r.block AS block, r.count AS n, r.total AS total, "
             "r.min_value AS lo, r.max_value AS hi, r.last_step AS ls, r.max_time AS t1, "
             f"{self.bucket(x_lo)} AS b0, {self.bucket(x_hi)} AS b1, "
             f"CASE WHEN {inside} THEN 1 ELSE 0 END AS inside, "
             f"CASE WHEN {outside} THEN 1 ELSE 0 END AS outside "
-            f"FROM {self.sql.rows(self.columns)} JOIN metric_rollups r "
+            "FROM q JOIN metric_rollups r "
             f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {width} "
             "AND r.block >= q.lo AND r.block <= q.hi) "
             "SELECT 0, sidx, b0, sum(n), sum(total), min(lo), max(hi), max(ls), max(t1) "
@@ -375,17 +443,7 @@ class _Request:
                 series[sidx].add(int(b), int(n), total, low, high, int(step), time)
             else:
                 straddling.setdefault(sidx, []).append(int(b))
-        for index, one in enumerate(series):
-            if one.level != width:
-                continue
-            found = straddling.get(index, [])
-            one.blocks, one.level = [], width // RATIO
-            if width == FINEST:
-                one.steps += _coalesce(
-                    [(b * width, min(b * width + width - 1, MAX_STEP)) for b in found]
-                )
-            else:
-                one.blocks = _coalesce([(b * RATIO, b * RATIO + RATIO - 1) for b in found])
+        return straddling
 
     def raw(self, series: list[_Series]) -> None:
         """The points of every series' raw step ranges into their buckets."""
@@ -393,10 +451,11 @@ class _Request:
             return
         inside = "".join(f" AND {condition}" for condition in self.points)
         statement = (
+            f"WITH {self.sql.rows(self.columns)} "
             "SELECT sidx, b, count(*), sum(v), min(v), max(v), max(s), max(t) FROM ("
             f"SELECT q.sidx AS sidx, {self.bucket('m.wall_time' if self.time else 'm.step')} "
             "AS b, m.value AS v, m.step AS s, m.wall_time AS t "
-            f"FROM {self.sql.rows(self.columns)} JOIN metrics m "
+            "FROM q JOIN metrics m "
             "ON m.run_id = q.run_id AND m.key = q.key AND m.step >= q.lo AND m.step <= q.hi"
             f"{inside}) AS p GROUP BY sidx, b"
         )
@@ -419,8 +478,8 @@ class _Request:
         inside = "".join(f" AND {condition}" for condition in self.points)
         order = "m.wall_time, m.step" if self.time else "m.step"
         statement = (
-            "SELECT q.sidx, m.step, m.wall_time, m.value "
-            f"FROM {self.sql.rows(self.columns)} JOIN metrics m "
+            f"WITH {self.sql.rows(self.columns)} SELECT q.sidx, m.step, m.wall_time, m.value "
+            "FROM q JOIN metrics m "
             "ON m.run_id = q.run_id AND m.key = q.key AND m.step >= q.lo AND m.step <= q.hi"
             f"{inside} ORDER BY q.sidx, {order}"
         )
@@ -432,18 +491,29 @@ class _Request:
         return out
 
 
+def step_width(n: int, lo: int, hi: int) -> int:
+    """The smallest power of two W with at most `n` buckets `s // W - lo // W` in [lo, hi]."""
+    width = 1
+    while hi // width - lo // width + 1 > n:
+        width *= 2
+    return width
+
+
 def _step_plan(one: _Series, n: int, lo: int, hi: int) -> None:
     if hi - lo + 1 <= n:
         one.listed = True  # at most one point per step: nothing to merge
         return
-    for width in reversed(LEVELS):
-        blocks = hi // width - lo // width + 1
-        if blocks >= n:
-            one.unit, one.base, one.mul, one.div = width, lo // width, 1, -(-blocks // n)
-            one.level, one.blocks = width, [(lo // width, hi // width)]
-            return
-    one.unit, one.base, one.mul, one.div = 1, lo, n, hi - lo + 1
-    one.steps = [(lo, hi)]
+    width = step_width(n, lo, hi)
+    if width < FINEST:
+        # finer than any roll-up: equal step ranges of the raw points
+        one.unit, one.base, one.mul, one.div = 1, lo, n, hi - lo + 1
+        one.steps = [(lo, hi)]
+        return
+    one.width, one.base = width, lo // width
+    # raw points at the window's edges: bucket s // W - lo // W (W = 2**63 only for n = 1)
+    one.unit, one.mul, one.div = min(width, 2**62), (1 if width <= 2**62 else 0), 1
+    one.level = min(width, COARSEST)
+    one.blocks = [(lo // one.level, hi // one.level)]
 
 
 def downsample_many(
@@ -468,13 +538,14 @@ def downsample_many(
         high = window.max_step if window.max_step is not None else MAX_STEP
         # two correlated min/max per series: each one index seek
         within = "m.run_id = q.run_id AND m.key = q.key AND m.step >= :a AND m.step <= :b"
-        bounds = session.execute(
-            text(
-                f"SELECT q.sidx, (SELECT min(m.step) FROM metrics m WHERE {within}), "
-                f"(SELECT max(m.step) FROM metrics m WHERE {within}) FROM {rows_of}"
+        bounds = request.sql.execute(
+            session,
+            (
+                f"WITH {rows_of} SELECT q.sidx, (SELECT min(m.step) FROM metrics m WHERE {within}), "
+                f"(SELECT max(m.step) FROM metrics m WHERE {within}) FROM q"
             ),
             {"rows": keys, "a": low, "b": high},
-        ).all()
+        )
         present = set()
         for sidx, lo, hi in bounds:
             if lo is not None:
@@ -482,15 +553,16 @@ def downsample_many(
                 _step_plan(series[sidx], n, int(lo), int(hi))
     else:
         # the time range of each series from its coarsest blocks, in one GROUP BY
-        bounds = session.execute(
-            text(
-                "SELECT q.sidx, min(r.min_time), max(r.max_time), sum(r.count), "
-                f"min(r.block), max(r.block) FROM {rows_of} JOIN metric_rollups r "
+        bounds = request.sql.execute(
+            session,
+            (
+                f"WITH {rows_of} SELECT q.sidx, min(r.min_time), max(r.max_time), "
+                "sum(r.count), min(r.block), max(r.block) FROM q JOIN metric_rollups r "
                 f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {COARSEST} "
                 "GROUP BY q.sidx"
             ),
             {"rows": keys},
-        ).all()
+        )
         present = set()
         for sidx, first, last, count, b0, b1 in bounds:
             one = series[sidx]

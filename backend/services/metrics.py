@@ -31,7 +31,7 @@ from kdlab.backend.settings import Settings
 
 INSERT_CHUNK = 5_000  # rows per statement (PostgreSQL) or executemany (SQLite); one transaction
 MAX_REPORTED_ERRORS = 20  # a batch full of NaN gets a readable answer, not 50k lines
-MAX_SERIES = 200  # runs × keys in one read
+MAX_SERIES = 400  # runs × keys in one read (a sweep: 100 runs × 4 keys)
 
 
 @lru_cache(maxsize=4)

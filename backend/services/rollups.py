@@ -21,8 +21,18 @@ from sqlalchemy.orm import Session
 
 from kdlab.backend.db.models import Metric, MetricRollup
 
-RATIO = 4
-LEVELS = (16, 64, 256, 1024, 4096)  # block widths in steps, finest first; each RATIO × the last
+RATIO = 2
+LEVELS = (
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+)  # block widths in steps, finest first; each RATIO × the last
 FINEST, COARSEST = LEVELS[0], LEVELS[-1]
 MAX_STEP = 2**63 - 1  # steps are signed 64-bit integers
 

@@ -1,4 +1,4 @@
-"""multi-resolution metric roll-ups: per-block aggregates at 16, 64, 256, 1,024, 4,096 steps
+"""multi-resolution metric roll-ups: per-block aggregates at 16, 32, 64, … 4,096 steps (powers of two)
 
 Replaces 0002's one-level table (64-step blocks) by one with a `level` (block width) column,
 first/last step and time, and the min/max wall time of each block; backfilled from the points.
@@ -20,8 +20,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # frozen copies of kdlab.backend.services.rollups.LEVELS / RATIO as of this revision
-LEVELS = (16, 64, 256, 1024, 4096)
-RATIO = 4
+LEVELS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+RATIO = 2
 OLD_WIDTH = 64  # 0002's ROLLUP_WIDTH
 
 AGGREGATES = (

@@ -37,18 +37,18 @@ def _compare(client, runs, keys, **params):
     return response.json()["series"]
 
 
-LEVELS = (16, 64, 256, 1024, 4096)  # the documented block sizes of the step roll-ups
+FINEST = 16  # the documented finest roll-up level (block width in steps)
 
 
 def _step_buckets(steps: np.ndarray, lo: int, hi: int, max_points: int) -> np.ndarray:
-    """The documented bucket of each step: whole blocks of the coarsest roll-up level with at
-    least one block per bucket, otherwise equal step ranges."""
-    for width in reversed(LEVELS):
-        first, last = lo // width, hi // width
-        blocks = last - first + 1
-        if blocks >= max_points:
-            per_bucket = -(-blocks // max_points)
-            return (steps // width - first) // per_bucket
+    """The documented bucket of each step: W = the smallest power of two with at most
+    max_points buckets `s // W - lo // W`; those buckets when W ≥ the finest roll-up level,
+    otherwise equal step ranges."""
+    width = 1
+    while hi // width - lo // width + 1 > max_points:
+        width *= 2
+    if width >= FINEST:
+        return steps // width - lo // width
     return (steps - lo) * max_points // (hi - lo + 1)
 
 
@@ -159,10 +159,12 @@ def test_zooming_refines_the_buckets_inside_the_range(client, db_session):
     _post(client, run_id, KEY, steps, values)
 
     (zoomed,) = _compare(client, [run_id], [KEY], max_points=100, min_step=2_000, max_step=2_999)
-    assert len(zoomed["step"]) == 100
+    assert len(zoomed["step"]) == 63  # 16-step buckets: 2,000 // 16 = 125 … 2,999 // 16 = 187
     assert zoomed["step"][0] >= 2_000 and zoomed["step"][-1] == 2_999
     inside = (steps >= 2_000) & (steps <= 2_999)
-    bucket = (steps[inside] - 2_000) * 100 // 1_000
+    bucket = _step_buckets(steps[inside], 2_000, 2_999, 100)
+    (equal,) = _compare(client, [run_id], [KEY], max_points=100, min_step=2_000, max_step=2_499)
+    assert len(equal["step"]) == 100  # W would be 8 < 16: equal ranges of 5 steps
     expected = _expected_buckets(bucket, steps[inside], 1.7e9 + steps[inside] * 0.5, values[inside])
     _assert_series_equal(zoomed, expected)
 
@@ -212,9 +214,9 @@ def test_compare_refusals(client, db_session):
     assert client.get("/api/compare", params={"runs": run_id}).status_code == 422
     assert client.get("/api/compare", params={"runs": " , ", "keys": KEY}).status_code == 422
     assert client.get("/api/compare", params={"runs": run_id, "keys": "a b"}).status_code == 422
-    many = ",".join(f"run{i}" for i in range(201))
+    many = ",".join(f"run{i}" for i in range(401))
     too_many = client.get("/api/compare", params={"runs": many, "keys": KEY})
-    assert too_many.status_code == 422 and "200 series" in too_many.text
+    assert too_many.status_code == 422 and "400 series" in too_many.text
 
 
 def test_a_run_token_may_only_compare_its_own_run(client, db_session):

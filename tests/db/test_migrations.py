@@ -49,3 +49,76 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
+
+
+def test_0003_backfills_the_rollups_and_its_downgrade_restores_0002s(database_url):
+    """Upgrade and downgrade with points present: every roll-up row equals a brute-force
+    computation over the points, 0003's levels after the upgrade, 0002's 64-step blocks after
+    the downgrade."""
+    import random
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from kdlab.backend.db.migrate import downgrade as downgrade_to
+    from tests.db.rollup_oracle import assert_same_rollups, expected_rollups, stored_rollups
+    from tests.factories import create_run
+
+    rng = random.Random(3)
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0002")
+        upgrade(engine)  # head, to create a run through the ORM; points go in at 0002 below
+        with Session(engine) as session:
+            runs = [create_run(session, name=f"m{i}", status="running").id for i in range(2)]
+            session.commit()
+        downgrade_to(engine, "0002")
+        points: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+        for run_id in runs:
+            for key in ("a", "b/c"):
+                steps = [*rng.sample(range(50000), 3000), 2**40 + 5]
+                points[(run_id, key)] = {
+                    s: (rng.choice([rng.gauss(0, 1), 1e3]), 1.7e9 + rng.uniform(0, 1e5))
+                    for s in steps
+                }
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO metrics (run_id, key, step, value, wall_time) "
+                    "VALUES (:r, :k, :s, :v, :t)"
+                ),
+                [
+                    {"r": r, "k": k, "s": s, "v": v, "t": t}
+                    for (r, k), by_step in points.items()
+                    for s, (v, t) in by_step.items()
+                ],
+            )
+        upgrade(engine)
+        assert current_revision(engine) == "0003"
+        with Session(engine) as session:
+            assert_same_rollups(stored_rollups(session), expected_rollups(points))
+        downgrade_to(engine, "0002")
+        with Session(engine) as session:
+            rows = session.execute(
+                text(
+                    "SELECT run_id, key, block, count, total, min_value, max_value, last_step, "
+                    "last_time FROM metric_rollups"
+                )
+            ).all()
+        old = {tuple(row[:3]): tuple(row[3:]) for row in rows}
+        want = {
+            (r, k, block): (count, total, low, high, last, max_time)
+            for (r, k, level, block), (count, total, low, high, _, last, _, _, _, max_time) in (
+                expected_rollups(points, levels=(64,)).items()
+            )
+        }
+        assert old.keys() == want.keys()
+        for name, (count, total, low, high, last, max_time) in want.items():
+            got = old[name]
+            assert (got[0], got[2], got[3], got[4], got[5]) == (count, low, high, last, max_time)
+            assert abs(got[1] - total) <= 1e-9 * max(1.0, abs(total))
+        upgrade(engine)  # and up again
+        with Session(engine) as session:
+            assert_same_rollups(stored_rollups(session), expected_rollups(points))
+    finally:
+        engine.dispose()
