@@ -235,6 +235,7 @@ class _Series:
     listed: bool = False  # few points: all of them, unbucketed
     level: int = COARSEST  # the roll-up level `blocks` are ranges of
     width: int = 1  # x = step on roll-ups: the bucket width W (a power of two ≥ FINEST)
+    start: int = 0  # x = time: the level to go to straight from the coarsest (0: the next)
     blocks: list[tuple[int, int]] = field(default_factory=list)  # block ranges at this level
     steps: list[tuple[int, int]] = field(default_factory=list)  # raw step ranges
     buckets: dict[int, list[Any]] = field(default_factory=dict)
@@ -371,13 +372,15 @@ class _Request:
             if one.level != width:
                 continue
             found = straddling.get(index, [])
-            one.blocks, one.level = [], width // RATIO
+            finer = min(width // RATIO, one.start or width)
+            one.blocks, one.level = [], finer
             if width == FINEST:
                 one.steps += _coalesce(
                     [(b * width, min(b * width + width - 1, MAX_STEP)) for b in found]
                 )
             else:
-                one.blocks = _coalesce([(b * RATIO, b * RATIO + RATIO - 1) for b in found])
+                per = width // finer  # children of a block on the next level visited
+                one.blocks = _coalesce([(b * per, b * per + per - 1) for b in found])
 
     def step_level(self, series: list[_Series], width: int) -> dict[int, list[int]]:
         """x = step: every block of level `width` (≤ the series' bucket width, so it lies in
@@ -419,30 +422,28 @@ class _Request:
     def time_level(self, series: list[_Series], width: int) -> dict[int, list[int]]:
         """x = time: blocks of level `width` wholly inside the window whose [min_time,
         max_time] lies in one bucket, summed per bucket in SQL; the others are returned."""
-        x_lo, x_hi = ("r.min_time", "r.max_time") if self.time else ("r.first_step", "r.last_step")
         inside = " AND ".join(self.inside) or "1 = 1"
-        outside = " OR ".join(self.outside) or "1 = 0"
+        outside = "".join(f" AND NOT ({condition})" for condition in self.outside)
+        b0, b1 = self.bucket("r.min_time"), self.bucket("r.max_time")
+        # one pass: a whole block is grouped under its bucket (≥ 0), a straddling one alone
+        # under -1 - block
+        group = f"CASE WHEN {inside} AND {b0} = {b1} THEN {b0} ELSE -1 - r.block END"
         statement = (
-            f"WITH {self.sql.rows(self.columns)}, c AS (SELECT q.sidx AS sidx, r.block AS block, r.count AS n, r.total AS total, "
-            "r.min_value AS lo, r.max_value AS hi, r.last_step AS ls, r.max_time AS t1, "
-            f"{self.bucket(x_lo)} AS b0, {self.bucket(x_hi)} AS b1, "
-            f"CASE WHEN {inside} THEN 1 ELSE 0 END AS inside, "
-            f"CASE WHEN {outside} THEN 1 ELSE 0 END AS outside "
+            f"WITH {self.sql.rows(self.columns)} "
+            "SELECT sidx, g, sum(n), sum(total), min(lo), max(hi), max(ls), max(t1) FROM ("
+            f"SELECT q.sidx AS sidx, {group} AS g, r.count AS n, r.total AS total, "
+            "r.min_value AS lo, r.max_value AS hi, r.last_step AS ls, r.max_time AS t1 "
             "FROM q JOIN metric_rollups r "
             f"ON r.run_id = q.run_id AND r.key = q.key AND r.level = {width} "
-            "AND r.block >= q.lo AND r.block <= q.hi) "
-            "SELECT 0, sidx, b0, sum(n), sum(total), min(lo), max(hi), max(ls), max(t1) "
-            "FROM c WHERE inside = 1 AND b0 = b1 GROUP BY sidx, b0 "
-            "UNION ALL SELECT 1, sidx, block, 0, 0, 0, 0, 0, 0 "
-            "FROM c WHERE outside = 0 AND NOT (inside = 1 AND b0 = b1)"
+            f"AND r.block >= q.lo AND r.block <= q.hi{outside}) AS c GROUP BY sidx, g"
         )
         rows = self.execute(statement, self.param_rows(series, "blocks", width))
         straddling: dict[int, list[int]] = {}
-        for kind, sidx, b, n, total, low, high, step, time in rows:
-            if kind == 0:
-                series[sidx].add(int(b), int(n), total, low, high, int(step), time)
+        for sidx, g, n, total, low, high, step, time in rows:
+            if g >= 0:
+                series[sidx].add(g, n, total, low, high, step, time)
             else:
-                straddling.setdefault(sidx, []).append(int(b))
+                straddling.setdefault(sidx, []).append(-1 - g)
         return straddling
 
     def raw(self, series: list[_Series]) -> None:
@@ -576,6 +577,12 @@ def downsample_many(
                 continue
             one.tlo, one.scale = float(tlo), (n / (thi - tlo) if thi > tlo else 0.0)
             one.blocks = [(int(b0), int(b1))]
+            # blocks coarser than a bucket's (estimated) steps all straddle an edge: from the
+            # coarsest (which prunes what lies outside the window) straight to the coarsest
+            # level that fits a bucket
+            fraction = (thi - tlo) / (last - first) if last > first else 0.0
+            per_bucket = (int(b1) - int(b0) + 1) * COARSEST * fraction / n
+            one.start = max([FINEST, *(w for w in LEVELS if w <= per_bucket)])
     active = [series[i] for i in sorted(present) if not series[i].listed]
     for width in reversed(LEVELS):
         request.level(active, width)
