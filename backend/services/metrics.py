@@ -20,7 +20,7 @@ from sqlalchemy import BigInteger, Float, String, Table, and_, bindparam, func, 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from kdlab.backend.db.models import Metric, Run
+from kdlab.backend.db.models import Metric, MetricRollup, Run
 from kdlab.backend.errors import Conflict, Invalid, NotFound, PayloadTooLarge
 from kdlab.backend.mlflow.hooks import enqueue_metrics
 from kdlab.backend.schemas.metrics import MetricKeyOut, MetricPointIn, SeriesOut
@@ -197,10 +197,16 @@ def require_runs(session: Session, run_ids: Sequence[str]) -> None:
 def key_summaries(session: Session, run_id: str) -> list[MetricKeyOut]:
     """Every key of a run with its point count and its last (largest-step) point."""
     require_runs(session, [run_id])
+    # from the coarsest roll-up blocks (every point is in one), not a scan of the points
+    _r = MetricRollup.__table__.c
     per_key = (
-        select(_m.key, func.count().label("count"), func.max(_m.step).label("last_step"))
-        .where(_m.run_id == run_id)
-        .group_by(_m.key)
+        select(
+            _r.key.label("key"),
+            func.sum(_r.count).label("count"),
+            func.max(_r.last_step).label("last_step"),
+        )
+        .where(_r.run_id == run_id, _r.level == rollups.COARSEST)
+        .group_by(_r.key)
         .subquery()
     )
     last = METRICS.alias("last")
@@ -224,8 +230,15 @@ def key_summaries(session: Session, run_id: str) -> list[MetricKeyOut]:
 
 
 def run_keys(session: Session, run_id: str) -> list[str]:
+    """The run's keys, from its coarsest roll-up blocks (a key has one per 4,096 steps)."""
+    _r = MetricRollup.__table__.c
     return list(
-        session.scalars(select(_m.key).where(_m.run_id == run_id).distinct().order_by(_m.key))
+        session.scalars(
+            select(_r.key)
+            .where(_r.run_id == run_id, _r.level == rollups.COARSEST)
+            .distinct()
+            .order_by(_r.key)
+        )
     )
 
 
