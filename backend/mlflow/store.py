@@ -66,10 +66,15 @@ class RunStore:
     (`clear()` after an error: whatever MLflow did before it, the caches may be wrong)."""
 
     def __init__(
-        self, settings: Settings, factory: sessionmaker[Session], tracking_uri: str
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        tracking_uri: str,
+        read_factory: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings = settings
-        self.factory = factory
+        self.factory = factory  # writes (the MLflow ids on the run row)
+        self.read_factory = read_factory or factory  # everything else
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}  # experiment name -> MLflow id, seen this process
@@ -114,7 +119,7 @@ class RunStore:
         return (root / safe_filename(experiment)).as_uri()
 
     def run_info(self, run_id: str) -> RunInfo | None:
-        with self.factory() as session:
+        with self.read_factory() as session:
             run = session.get(Run, run_id)
             if run is None:
                 session.rollback()
@@ -251,7 +256,7 @@ class RunStore:
         trainer logged its loss."""
         from kdlab.backend.services.run_views import metadata
 
-        with self.factory() as session:
+        with self.read_factory() as session:
             logged = metadata(session, run_id)
             session.rollback()
         return fmt.formula_tags(logged)
