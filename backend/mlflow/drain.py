@@ -56,6 +56,10 @@ HTTP_DEFAULTS = {
 DISABLED_URIS = frozenset({"none", "off", "disabled"})
 ROUND_ROWS = 1000  # outbox rows a round processes at most (then the next starts at once)
 FETCH_ROWS = 500  # pending rows read at once
+BUSY_POINTS_PER_S = 10_000  # metric points queued per second above which a polite mirror waits
+BUSY_POLL = 0.25  # seconds between two looks at the outbox's newest rows
+BUSY_ROWS = 200  # the newest rows looked at
+MAX_YIELD = 30.0  # a polite mirror waits this long at most, then works as long without waiting
 
 
 def _describe_error(err: BaseException) -> str:
@@ -95,6 +99,12 @@ class MlflowMirror:
         self._stopping = threading.Event()
         self.failures = 0  # consecutive rounds that stopped on an error
         self.last_error: str | None = None
+        # polite (the mirror process): wait while a bulk ingest is under way (see `yield_to_ingest`)
+        self.polite = False
+        self._rate = 0.0
+        self._rate_at = -BUSY_POLL
+        self._work_until = 0.0
+        self.store.pause = self.yield_to_ingest
 
     @property
     def client(self) -> MlflowClient:
@@ -222,6 +232,46 @@ class MlflowMirror:
             if delay:
                 self._stopping.wait(delay)
 
+    def _ingest_rate(self) -> float:
+        """Metric points queued in the last second (the outbox's newest rows), read at most
+        every `BUSY_POLL` s."""
+        now = time.monotonic()
+        if now - self._rate_at >= BUSY_POLL:
+            self._rate_at = now
+            cutoff = utcnow() - timedelta(seconds=1)
+            with self.read_factory() as session:
+                rows = session.execute(
+                    select(OUTBOX.c.kind, OUTBOX.c.payload, OUTBOX.c.created_at)
+                    .order_by(OUTBOX.c.id.desc())
+                    .limit(BUSY_ROWS)
+                ).all()
+                session.rollback()
+            points = 0
+            for kind, payload, created_at in rows:
+                if created_at is None or kind != hooks.METRICS:
+                    continue
+                if created_at.tzinfo is None:
+                    created_at = created_at.replace(tzinfo=cutoff.tzinfo)
+                if created_at >= cutoff:
+                    count = (payload or {}).get("points")
+                    points += count if isinstance(count, int) and count > 0 else 1
+            self._rate = float(points)
+        return self._rate
+
+    def yield_to_ingest(self) -> None:
+        """A polite mirror waits while points are being queued faster than `BUSY_POINTS_PER_S`
+        (a bulk ingest: its requests get the CPU and the database to themselves), up to
+        `MAX_YIELD` s; then it works as long without waiting (so a sustained load gets half of
+        the mirror's pace, never none). Called between MLflow calls, with no transaction open."""
+        if not self.polite or time.monotonic() < self._work_until:
+            return
+        began = time.monotonic()
+        while not self._stopping.is_set() and self._ingest_rate() >= BUSY_POINTS_PER_S:
+            if time.monotonic() - began >= MAX_YIELD:
+                self._work_until = time.monotonic() + MAX_YIELD
+                return
+            self._stopping.wait(BUSY_POLL)
+
     def purge(self, older_than: timedelta = KEEP_DONE) -> int:
         """Delete rows done more than `older_than` ago; how many went."""
         with self.factory() as session:
@@ -257,6 +307,9 @@ class MlflowMirror:
                 if not rows:
                     break
                 for index, row in enumerate(rows):
+                    self.yield_to_ingest()
+                    if self._stopping.is_set():
+                        return processed
                     group = self._metrics_group(rows, index)
                     if len(group) > 1:
                         done, failed = self._attempt_group(group)

@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     mirror = MlflowMirror(
         settings, make_session_factory(engine), read_factory=make_session_factory(read_engine)
     )
+    mirror.polite = True  # waits while a bulk ingest is under way (`yield_to_ingest`)
+    try:  # import MLflow and open its store now, not when the first batch arrives
+        mirror.client.search_experiments(max_results=1)
+    except Exception as err:  # unreachable now: the drain retries
+        log.warning("MLflow not reachable yet: %s", err)
 
     def _stop(_signum: int, _frame: object) -> None:
         mirror.request_stop()

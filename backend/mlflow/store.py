@@ -5,7 +5,7 @@ one restored; a local store's artifacts next to it), the run (created, or found 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -56,6 +56,10 @@ def mlflow_run_url(settings: Settings, experiment_id: str, run_id: str) -> str |
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def _nothing() -> None:
+    return None
+
+
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -79,6 +83,7 @@ class RunStore:
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}  # experiment name -> MLflow id, seen this process
         self._verified: set[str] = set()  # MLflow run ids known to exist
+        self.pause: Callable[[], None] = _nothing  # between two log_batch calls of metrics
 
     def clear(self) -> None:
         self._verified.clear()

@@ -124,6 +124,7 @@ def log_points(
         points[(fmt.mlflow_key(key), int(step))] = (float(value), int(wall_time * 1000))
     unsent = dedup.unsent(store.client, target.run_id, points)
     for chunk in chunks(unsent, METRIC_CHUNK):
+        store.pause()
         store.client.log_batch(target.run_id, metrics=chunk, synchronous=True)
         dedup.sent(target.run_id, chunk)
     return len(unsent), len(points) - len(unsent)
