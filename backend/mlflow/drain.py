@@ -308,8 +308,8 @@ class MlflowMirror:
                     break
                 for index, row in enumerate(rows):
                     self.yield_to_ingest()
-                    if self._stopping.is_set():
-                        return processed
+                    if self.polite and self._stopping.is_set():
+                        return processed  # the process is asked to end: the rest can wait
                     group = self._metrics_group(rows, index)
                     if len(group) > 1:
                         done, failed = self._attempt_group(group)
