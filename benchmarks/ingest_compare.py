@@ -231,6 +231,14 @@ def kdlab_compare(
     return median, times, shape
 
 
+def wait_log(log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {text!r} in {log} within {timeout} s")
+        time.sleep(0.1)
+
+
 def pending_outbox(database_url: str) -> int:
     from sqlalchemy import text
 
@@ -334,6 +342,8 @@ def bench_kdlab(label: str, database_url: str, args: argparse.Namespace, work: P
     base, server = kdlab_server(database_url, data, log, mirror=args.mirror)
     total = args.runs * args.points
     with server:
+        if args.mirror:  # start-up ends when the mirror process has MLflow open
+            wait_log(log, "MLflow mirror ready", 120)
         seconds = kdlab_ingest(base, run_ids, args.points, args.batch)
         ingest = total / seconds
         emit(

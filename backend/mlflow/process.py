@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         mirror.client.search_experiments(max_results=1)
     except Exception as err:  # unreachable now: the drain retries
         log.warning("MLflow not reachable yet: %s", err)
+    log.info("MLflow mirror ready (pid %d, niceness %d)", os.getpid(), os.nice(0))
 
     def _stop(_signum: int, _frame: object) -> None:
         mirror.request_stop()
