@@ -103,6 +103,7 @@ class MlflowMirror:
         self.polite = False
         self._rate = 0.0
         self._rate_at = -BUSY_POLL
+        self._youngest: Any = None  # when the newest metrics row was queued
         self._work_until = 0.0
         self.store.pause = self.yield_to_ingest
 
@@ -247,11 +248,14 @@ class MlflowMirror:
                 ).all()
                 session.rollback()
             points = 0
+            self._youngest = None
             for kind, payload, created_at in rows:
                 if created_at is None or kind != hooks.METRICS:
                     continue
                 if created_at.tzinfo is None:
                     created_at = created_at.replace(tzinfo=cutoff.tzinfo)
+                if self._youngest is None or created_at > self._youngest:
+                    self._youngest = created_at
                 if created_at >= cutoff:
                     count = (payload or {}).get("points")
                     points += count if isinstance(count, int) and count > 0 else 1
@@ -266,7 +270,16 @@ class MlflowMirror:
         if not self.polite or time.monotonic() < self._work_until:
             return
         began = time.monotonic()
-        while not self._stopping.is_set() and self._ingest_rate() >= BUSY_POINTS_PER_S:
+        settled = False
+        while not self._stopping.is_set():
+            if self._ingest_rate() < BUSY_POINTS_PER_S:
+                # a batch queued just now may be the first of a bulk ingest: look once more
+                young = self._youngest is not None and (
+                    utcnow() - self._youngest < timedelta(seconds=BUSY_POLL)
+                )
+                if settled or not young:
+                    return
+                settled = True
             if time.monotonic() - began >= MAX_YIELD:
                 self._work_until = time.monotonic() + MAX_YIELD
                 return
