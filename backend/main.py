@@ -18,7 +18,7 @@ from kdlab.backend.api import artifacts, catalog, compare, health, metrics, runs
 from kdlab.backend.body_limit import BodyLimit
 from kdlab.backend.db.engine import is_busy, make_engine, make_read_engine, make_session_factory
 from kdlab.backend.errors import Invalid, ServiceError, Unavailable
-from kdlab.backend.mlflow import MlflowMirror
+from kdlab.backend.mlflow.process import start_mirror
 from kdlab.backend.pages import compare as compare_page
 from kdlab.backend.pages import docs as docs_page
 from kdlab.backend.pages import launch as launch_page
@@ -70,8 +70,8 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app serves: the MLflow mirror drains the outbox (unless the tracking URI is
-    `none`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`kdlab.backend.supervisor`;
+    """While the app serves: the MLflow mirror drains the outbox in its own process (unless the
+    tracking URI is `none`; `kdlab.backend.mlflow.process`), and with KDLAB_EXECUTOR=local or ray the supervisor runs (`kdlab.backend.supervisor`;
     made first, so a Ray executor without KDLAB_RAY_ADDRESS stops the start-up at once);
     stopping it leaves running workers alone. The live watcher (`kdlab.backend.services.live`) wakes
     the event streams of the runs that changed."""
@@ -83,7 +83,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         from kdlab.backend.supervisor import Supervisor
 
         supervisor = Supervisor(app.state.settings, app.state.session_factory, demo=app.state.demo)
-    mirror = MlflowMirror(app.state.settings, app.state.session_factory).start()
+    # its own process at a lower priority (KDLAB_MLFLOW_MIRROR=process, the default)
+    mirror = start_mirror(
+        app.state.settings, app.state.session_factory, app.state.read_session_factory
+    )
     app.state.mirror = mirror
     if supervisor is not None:
         supervisor.start()

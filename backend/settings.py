@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         default=None, description="default sqlite:///<data_dir>/mlflow.db"
     )
+    mlflow_mirror: Literal["process", "thread"] = Field(
+        default="process",
+        description="Where the MLflow mirror drains the outbox: `process` (its own process at "
+        "lower priority, started and stopped by the server) or `thread` (in the API process).",
+    )
+    mlflow_mirror_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="The mirror process's niceness increment (os.nice): it yields the CPU to "
+        "the API's requests and catches up when they pause.",
+    )
     mlflow_ui_url: str | None = Field(
         default=None, description="Base URL of the MLflow UI; run pages link each run there."
     )

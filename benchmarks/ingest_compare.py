@@ -2,7 +2,7 @@
 
     python benchmarks/ingest_compare.py [--runs 10] [--points 100000] [--batch 1000]
         [--max-points 1000] [--repeats 7] [--postgres-url postgresql+psycopg://...]
-        [--no-mlflow] [--mlflow-log-points 30000] [--mlflow-history-runs 3]
+        [--no-mlflow] [--mlflow-log-points 30000] [--mlflow-history-runs 3] [--mirror]
 
 (a) ingest: one client posts `runs × points` points in batches of `batch` to
     `POST /api/runs/{id}/metrics` of a real `uvicorn kdlab.backend.main:create_app` on loopback
@@ -18,6 +18,14 @@
     `log_batch` (MLflow's server takes ~1 ms per point, so filling 10×100k through it would take
     far longer than the rest of the benchmark); the time for all `runs` runs is the measured
     per-run median × `runs`, marked `"extrapolated": true` when fewer runs were measured.
+
+(d) `--mirror`: the server as a user runs it by default, with the MLflow mirror on (its own
+    process, `kdlab.backend.mlflow.process`, into the default `sqlite:///<data>/mlflow.db`,
+    whose tables are created before the timing, as MLflow's in (e) are). Besides the ingest rate:
+    the time until the outbox is empty (from the first point posted, and after the last one was
+    acknowledged), every point then checked in MLflow exactly once (`get_metric_history`), and
+    (e) MLflow's own in-process `SqlAlchemyStore.log_batch` (1,000 a call) of the same points
+    into a fresh SQLite store: the mirror's target is ≤ 1.5× that time.
 
 Prints one JSON line per measurement, then a summary line with the ratios (DESIGN §8 targets:
 ingest ≥ 20× MLflow log_batch through its server; compare for 10×100k ≤ 150 ms and ≥ 200×
@@ -159,8 +167,8 @@ def kdlab_server(database_url: str, data_dir: Path, log: Path, mirror: bool = Fa
         "KDLAB_HOST": "127.0.0.1",
     }
     if not mirror:
-        # the API alone: with the mirror on, its thread replays every point into MLflow on
-        # the same 2 cores during the measurement (pass --mirror to measure that too)
+        # the API alone (pass --mirror for the server as run by default: the mirror on, in
+        # its own process, replaying every point into MLflow)
         env["KDLAB_MLFLOW_TRACKING_URI"] = "none"
     env.pop("KDLAB_TOKEN", None)
     command = [sys.executable, "-m", "uvicorn", "--factory", "kdlab.backend.main:create_app"]
@@ -223,6 +231,97 @@ def kdlab_compare(
     return median, times, shape
 
 
+def wait_log(log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {text!r} in {log} within {timeout} s")
+        time.sleep(0.1)
+
+
+def pending_outbox(database_url: str) -> int:
+    from sqlalchemy import text
+
+    from kdlab.backend.db.engine import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            count = connection.scalar(
+                text("SELECT count(*) FROM mlflow_outbox WHERE done_at IS NULL")
+            )
+    finally:
+        engine.dispose()
+    return int(count or 0)
+
+
+def wait_caught_up(database_url: str, timeout: float) -> float:
+    """Seconds until the mirror left no outbox row pending."""
+    began = time.perf_counter()
+    while pending_outbox(database_url):
+        if time.perf_counter() - began > timeout:
+            raise RuntimeError(f"the mirror did not catch up within {timeout} s")
+        time.sleep(0.2)
+    return time.perf_counter() - began
+
+
+def mlflow_store_uri(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir.resolve() / 'mlflow.db'}"  # the server's default
+
+
+def prepare_mlflow_store(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates MLflow's tables
+
+
+def check_mirrored(database_url: str, uri: str, run_ids: list[str], points: int) -> dict:
+    """Every point of every run in MLflow exactly once (steps 0..points-1, one point each)."""
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy import select
+
+    from kdlab.backend.db.engine import make_engine, make_session_factory
+    from kdlab.backend.db.models import Run
+
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as session:
+        mapped = {
+            row.id: row.mlflow_run_id
+            for row in session.execute(select(Run.id, Run.mlflow_run_id).where(Run.id.in_(run_ids)))
+        }
+    engine.dispose()
+    client = MlflowClient(tracking_uri=uri)
+    total = duplicates = missing = 0
+    for run_id in run_ids:
+        steps = [m.step for m in client.get_metric_history(mapped[run_id], KEY)]
+        total += len(steps)
+        duplicates += len(steps) - len(set(steps))
+        missing += len(set(range(points)) - set(steps))
+    return {"points_in_mlflow": total, "duplicates": duplicates, "missing": missing}
+
+
+def mlflow_in_process_log_batch(run_count: int, points: int, work: Path) -> float:
+    """Seconds MLflow's own `SqlAlchemyStore.log_batch` (1,000 a call) takes for the same
+    points into a fresh SQLite store (its tables created before the timing)."""
+    from mlflow.entities import Metric
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{work / 'mlflow-log-batch.db'}", str(work / "mlruns-lb"))
+    experiment = store.create_experiment(f"bench-{time.time_ns()}")
+    runs = [
+        store.create_run(experiment, "bench", 0, [], f"r{i}").info.run_id for i in range(run_count)
+    ]
+    began = time.perf_counter()
+    for r, run in enumerate(runs):
+        for start in range(0, points, 1000):
+            metrics = [
+                Metric(KEY, curve(r, s), int((T0 + s * 0.1) * 1000), s)
+                for s in range(start, min(start + 1000, points))
+            ]
+            store.log_batch(run, metrics=metrics, params=[], tags=[])
+    return time.perf_counter() - began
+
+
 def analyze(database_url: str) -> None:
     from sqlalchemy import text
 
@@ -237,15 +336,21 @@ def analyze(database_url: str) -> None:
 def bench_kdlab(label: str, database_url: str, args: argparse.Namespace, work: Path) -> dict:
     run_ids = seed_runs(database_url, args.runs)
     data, log = work / f"data-{label}", work / f"kdlab-{label}.log"
+    uri = mlflow_store_uri(data)
+    if args.mirror:
+        prepare_mlflow_store(uri)
     base, server = kdlab_server(database_url, data, log, mirror=args.mirror)
+    total = args.runs * args.points
     with server:
-        total = args.runs * args.points
+        if args.mirror:  # start-up ends when the mirror process has MLflow open
+            wait_log(log, "MLflow mirror ready", 120)
         seconds = kdlab_ingest(base, run_ids, args.points, args.batch)
         ingest = total / seconds
         emit(
             measurement="ingest",
             system="kdlab",
             database=label,
+            mirror="process (default)" if args.mirror else "off",
             points=total,
             batch=args.batch,
             clients=1,
@@ -253,6 +358,9 @@ def bench_kdlab(label: str, database_url: str, args: argparse.Namespace, work: P
             points_per_s=round(ingest),
         )
         results = {"ingest_points_per_s": ingest}
+        if args.mirror:
+            lag = wait_caught_up(database_url, args.mirror_timeout)
+            results |= {"mirror_lag_s": lag, "mirror_total_s": seconds + lag}
         if label == "postgresql":
             # what autovacuum does within a minute of a bulk load: without statistics the
             # planner guesses the group count and may sort on disk instead of hashing
@@ -273,6 +381,23 @@ def bench_kdlab(label: str, database_url: str, args: argparse.Namespace, work: P
                 **shape,
             )
             results[f"compare_{x}_s"] = median
+    if args.mirror:
+        check = check_mirrored(database_url, uri, run_ids, args.points)
+        baseline = mlflow_in_process_log_batch(args.runs, args.points, work)
+        results |= {"mlflow_log_batch_s": baseline, **check}
+        emit(
+            measurement="mirror",
+            database=label,
+            points=total,
+            caught_up_after_first_point_s=round(results["mirror_total_s"], 2),
+            caught_up_after_last_ack_s=round(results["mirror_lag_s"], 2),
+            mlflow_in_process_log_batch_s=round(baseline, 2),
+            mlflow_in_process_log_batch_points_per_s=round(total / baseline),
+            ratio_to_mlflow_log_batch=round(results["mirror_total_s"] / baseline, 2),
+            target_1_5x_met=results["mirror_total_s"] <= 1.5 * baseline,
+            **check,
+            exactly_once=check["points_in_mlflow"] == total and not check["duplicates"],
+        )
     return results
 
 
@@ -385,8 +510,12 @@ def main() -> None:
     parser.add_argument("--postgres-url", help="an empty PostgreSQL database to measure too")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument(
-        "--mirror", action="store_true", help="keep KD Lab's MLflow mirror on while measuring"
+        "--mirror",
+        action="store_true",
+        help="the server as run by default, MLflow mirror on: ingest rate, catch-up time, "
+        "exactly-once check, and MLflow's in-process log_batch of the same points",
     )
+    parser.add_argument("--mirror-timeout", type=float, default=1800.0)
     parser.add_argument("--mlflow-log-points", type=int, default=30_000)
     parser.add_argument("--mlflow-history-runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory, removed")
@@ -419,6 +548,22 @@ def main() -> None:
     for database, ours in kdlab.items():
         row: dict[str, Any] = {
             "ingest_points_per_s": round(ours["ingest_points_per_s"]),
+            **(
+                {
+                    "ingest_target_40k_met": ours["ingest_points_per_s"] >= 40_000,
+                    "mirror_caught_up_s": round(ours["mirror_total_s"], 1),
+                    "mlflow_in_process_log_batch_s": round(ours["mlflow_log_batch_s"], 1),
+                    "mirror_vs_log_batch": round(
+                        ours["mirror_total_s"] / ours["mlflow_log_batch_s"], 2
+                    ),
+                    "mirror_target_1_5x_met": ours["mirror_total_s"]
+                    <= 1.5 * ours["mlflow_log_batch_s"],
+                    "exactly_once": ours["points_in_mlflow"] == args.runs * args.points
+                    and not ours["duplicates"],
+                }
+                if args.mirror
+                else {}
+            ),
             "compare_ms": round(ours["compare_step_s"] * 1000, 1),
             "compare_target_150ms_met": ours["compare_step_s"] <= 0.150,
         }

@@ -1,14 +1,20 @@
 """The MLflow mirror: drains `mlflow_outbox` into an MLflow tracking server (DESIGN §5).
 
-`MlflowMirror(settings, session_factory).start()` runs a daemon thread that calls `drain_once()`
-every `interval` seconds; `.stop()` ends it. Nothing in the app waits on MLflow: requests only
-write outbox rows (`kdlab.backend.mlflow.hooks`, on the app's sessionmaker), in their own transactions.
+The server runs the mirror in its own process (`kdlab.backend.mlflow.process`, started and stopped
+by the server by its PID, at a lower priority; `KDLAB_MLFLOW_MIRROR=thread` keeps it in the API
+process): `MlflowMirror.serve()` there, or `MlflowMirror(settings, session_factory).start()`, a
+daemon thread, call `drain_once()` every `interval` seconds. Nothing in the app waits on MLflow:
+requests only write outbox rows (`kdlab.backend.mlflow.hooks`, on the app's sessionmaker), in
+their own transactions. The process reads without SQLite's write lock, and waits while a bulk
+ingest is under way (more than 10,000 points queued in the last second; at most 30 s at a time,
+then it works as long), so a fast client's requests have the CPU and the database to themselves.
 
 One job per module:
 
 - `format`: a run as MLflow params, tags and names; the outbox payloads;
 - `hooks`: the outbox hooks on the app's sessionmaker, `enqueue`, `enqueue_metrics`;
 - `drain`: `MlflowMirror`, the drain loop with its lock, retries and back-off;
+- `process`: the mirror as the server's child process (`start_mirror`, `MirrorProcess`);
 - `writers`: one writer per outbox kind (`run_created`, `run_updated`, `metrics`, `student`);
 - `store`: MLflow experiments and runs of KD Lab runs, their params, tags and status;
 - `dedup`: a (metric key, step) reaches MLflow once;
@@ -50,7 +56,9 @@ What a KD Lab run becomes in MLflow
 
 Order, retries, exactly once
 ----------------------------
-Rows are processed in id order. The first MLflow error stops the round: that row's `attempts`
+Rows are processed in id order; consecutive metrics rows (up to 50,000 points) are drained
+together, per run one read of the union of their step ranges, logged 1,000 points a call and
+marked done in one transaction once MLflow took them all (on an error, the first is retried alone). The first MLflow error stops the round: that row's `attempts`
 and `last_error` are updated and it is retried next round (the thread backs off exponentially up
 to a minute); rows behind it wait, so order is kept. An error MLflow gives as the request's fault
 (`INVALID_PARAMETER_VALUE`, `BAD_REQUEST`, `INVALID_STATE`, `RESOURCE_DOES_NOT_EXIST`, or a row

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Engine, Table, delete, func, select, text, update
+from sqlalchemy import Engine, Table, bindparam, delete, func, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,6 +54,12 @@ HTTP_DEFAULTS = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "🏃 View run ..." on every terminate
 }
 DISABLED_URIS = frozenset({"none", "off", "disabled"})
+ROUND_ROWS = 1000  # outbox rows a round processes at most (then the next starts at once)
+FETCH_ROWS = 500  # pending rows read at once
+BUSY_POINTS_PER_S = 10_000  # metric points queued per second above which a polite mirror waits
+BUSY_POLL = 0.25  # seconds between two looks at the outbox's newest rows
+BUSY_ROWS = 200  # the newest rows looked at
+MAX_YIELD = 30.0  # a polite mirror waits this long at most, then works as long without waiting
 
 
 def _describe_error(err: BaseException) -> str:
@@ -78,17 +84,28 @@ class MlflowMirror:
         session_factory: sessionmaker[Session],
         *,
         tracking_uri: str | None = None,
+        read_factory: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings = settings
         self.tracking_uri = tracking_uri or settings.resolved_mlflow_uri
         self.factory = session_factory
-        self.store = RunStore(settings, session_factory, self.tracking_uri)
+        # reads (the pending rows, the points): on SQLite a deferred, query-only transaction
+        # (`make_read_engine`), so the mirror never holds the write lock an ingest waits for
+        self.read_factory = read_factory or session_factory
+        self.store = RunStore(settings, session_factory, self.tracking_uri, self.read_factory)
         self.dedup = MetricDedup()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.failures = 0  # consecutive rounds that stopped on an error
         self.last_error: str | None = None
+        # polite (the mirror process): wait while a bulk ingest is under way (see `yield_to_ingest`)
+        self.polite = False
+        self._rate = 0.0
+        self._rate_at = -BUSY_POLL
+        self._youngest: Any = None  # when the newest metrics row was queued
+        self._work_until = 0.0
+        self.store.pause = self.yield_to_ingest
 
     @property
     def client(self) -> MlflowClient:
@@ -171,6 +188,19 @@ class MlflowMirror:
         self._thread.start()
         return self
 
+    def serve(self, interval: float = 1.0) -> None:
+        """Drain in the calling thread until `request_stop()` (the mirror process's main loop,
+        `kdlab.backend.mlflow.process`). Installs no hooks: the API process queues."""
+        if not self.enabled:
+            return
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        self._loop(interval)
+
+    def request_stop(self) -> None:
+        """End `serve()` (or the thread) after the current MLflow call; safe in a signal handler."""
+        self._stopping.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the thread to stop and wait up to `timeout` s (an MLflow call in flight ends on
         its own timeout; the thread is a daemon either way)."""
@@ -183,7 +213,7 @@ class MlflowMirror:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _loop(self, interval: float, limit: int = 100) -> None:
+    def _loop(self, interval: float, limit: int = ROUND_ROWS) -> None:
         last_purge = time.monotonic()
         while not self._stopping.is_set():
             try:
@@ -203,6 +233,58 @@ class MlflowMirror:
             if delay:
                 self._stopping.wait(delay)
 
+    def _ingest_rate(self) -> float:
+        """Metric points queued in the last second (the outbox's newest rows), read at most
+        every `BUSY_POLL` s."""
+        now = time.monotonic()
+        if now - self._rate_at >= BUSY_POLL:
+            self._rate_at = now
+            cutoff = utcnow() - timedelta(seconds=1)
+            with self.read_factory() as session:
+                rows = session.execute(
+                    select(OUTBOX.c.kind, OUTBOX.c.payload, OUTBOX.c.created_at)
+                    .order_by(OUTBOX.c.id.desc())
+                    .limit(BUSY_ROWS)
+                ).all()
+                session.rollback()
+            points = 0
+            self._youngest = None
+            for kind, payload, created_at in rows:
+                if created_at is None or kind != hooks.METRICS:
+                    continue
+                if created_at.tzinfo is None:
+                    created_at = created_at.replace(tzinfo=cutoff.tzinfo)
+                if self._youngest is None or created_at > self._youngest:
+                    self._youngest = created_at
+                if created_at >= cutoff:
+                    count = (payload or {}).get("points")
+                    points += count if isinstance(count, int) and count > 0 else 1
+            self._rate = float(points)
+        return self._rate
+
+    def yield_to_ingest(self) -> None:
+        """A polite mirror waits while points are being queued faster than `BUSY_POINTS_PER_S`
+        (a bulk ingest: its requests get the CPU and the database to themselves), up to
+        `MAX_YIELD` s; then it works as long without waiting (so a sustained load gets half of
+        the mirror's pace, never none). Called between MLflow calls, with no transaction open."""
+        if not self.polite or time.monotonic() < self._work_until:
+            return
+        began = time.monotonic()
+        settled = False
+        while not self._stopping.is_set():
+            if self._ingest_rate() < BUSY_POINTS_PER_S:
+                # a batch queued just now may be the first of a bulk ingest: look once more
+                young = self._youngest is not None and (
+                    utcnow() - self._youngest < timedelta(seconds=BUSY_POLL)
+                )
+                if settled or not young:
+                    return
+                settled = True
+            if time.monotonic() - began >= MAX_YIELD:
+                self._work_until = time.monotonic() + MAX_YIELD
+                return
+            self._stopping.wait(BUSY_POLL)
+
     def purge(self, older_than: timedelta = KEEP_DONE) -> int:
         """Delete rows done more than `older_than` ago; how many went."""
         with self.factory() as session:
@@ -215,16 +297,18 @@ class MlflowMirror:
 
     def pending(self) -> int:
         """How many rows wait."""
-        with self.factory() as session:
+        with self.read_factory() as session:
             count = session.scalar(
                 select(func.count()).select_from(OUTBOX).where(OUTBOX.c.done_at.is_(None))
             )
             session.rollback()
             return int(count or 0)
 
-    def drain_once(self, limit: int = 100) -> int:
+    def drain_once(self, limit: int = ROUND_ROWS) -> int:
         """Process up to `limit` pending rows in id order; how many were marked done. Stops at
-        the first error (that row keeps `attempts`/`last_error` and is retried next round)."""
+        the first error (that row keeps `attempts`/`last_error` and is retried next round).
+        Consecutive metrics rows are drained together (`_attempt_group`): per run, one read
+        of the union of their step ranges and its new points logged in 1,000-point calls."""
         if not self.enabled:
             return 0
         with self._lock, self._exclusive() as mine:
@@ -232,10 +316,21 @@ class MlflowMirror:
                 return 0
             processed = 0
             while processed < limit:
-                rows = self._pending_rows(min(limit - processed, 100))
+                rows = self._pending_rows(min(limit - processed, FETCH_ROWS))
                 if not rows:
                     break
-                for row in rows:
+                for index, row in enumerate(rows):
+                    self.yield_to_ingest()
+                    if self.polite and self._stopping.is_set():
+                        return processed  # the process is asked to end: the rest can wait
+                    group = self._metrics_group(rows, index)
+                    if len(group) > 1:
+                        done, failed = self._attempt_group(group)
+                        processed += done
+                        if failed:
+                            self.failures += 1
+                            return processed
+                        break  # read the pending rows again
                     if not self._attempt(row):
                         self.failures += 1
                         return processed
@@ -243,8 +338,57 @@ class MlflowMirror:
             self.failures = 0
             return processed
 
+    @staticmethod
+    def _metrics_group(rows: list[OutboxRow], index: int) -> list[OutboxRow]:
+        """The readable metrics rows from `rows[index]` on, up to `GROUP_POINTS` points (at
+        least one row; none if `rows[index]` is not a readable metrics row)."""
+        group: list[OutboxRow] = []
+        points = 0
+        for row in rows[index:]:
+            if row.kind != hooks.METRICS:
+                break
+            try:
+                writers.row_ranges(row)
+            except Rejected:
+                break
+            count = row.payload.get("points")
+            points += count if isinstance(count, int) and count > 0 else 1
+            if group and points > writers.GROUP_POINTS:
+                break
+            group.append(row)
+        return group
+
+    def _attempt_group(self, group: list[OutboxRow]) -> tuple[int, bool]:
+        """Consecutive metrics rows, run by run (in the order of each run's first row): how
+        many were marked done, and whether the round must stop. A run's rows are marked done
+        in one transaction after MLflow took all their points; on an error the caches are
+        dropped and that run's first row is tried alone (`_attempt`: it records the failure,
+        or succeeds and the rest are read again)."""
+        by_run: dict[str, list[OutboxRow]] = {}
+        for row in group:
+            by_run.setdefault(row.run_id, []).append(row)
+        done = 0
+        for rows in by_run.values():
+            if len(rows) == 1:
+                if not self._attempt(rows[0]):
+                    return done, True
+                done += 1
+                continue
+            try:
+                summaries = writers.metrics_group(self.store, self.dedup, rows)
+            except Exception as err:
+                self.dedup.clear()
+                self.store.clear()
+                log.info("MLflow mirror: %d rows at once failed (%s); one by one", len(rows), err)
+                if not self._attempt(rows[0]):
+                    return done, True
+                return done + 1, False
+            self._finish_many(rows, summaries)
+            done += len(rows)
+        return done, False
+
     def _pending_rows(self, limit: int) -> list[OutboxRow]:
-        with self.factory() as session:
+        with self.read_factory() as session:
             rows = session.execute(
                 select(
                     OUTBOX.c.id,
@@ -290,6 +434,20 @@ class MlflowMirror:
         with self.factory() as session:
             session.execute(
                 update(OUTBOX).where(OUTBOX.c.id == row.id).values(**values),
+                execution_options=SKIP,
+            )
+            session.commit()
+
+    def _finish_many(self, rows: list[OutboxRow], summaries: dict[int, dict[str, Any]]) -> None:
+        statement = (
+            update(OUTBOX)
+            .where(OUTBOX.c.id == bindparam("row_id"), OUTBOX.c.done_at.is_(None))
+            .values(done_at=utcnow(), payload=bindparam("summary", type_=OUTBOX.c.payload.type))
+        )
+        with self.factory() as session:
+            session.execute(
+                statement,
+                [{"row_id": row.id, "summary": summaries[row.id]} for row in rows],
                 execution_options=SKIP,
             )
             session.commit()

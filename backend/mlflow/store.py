@@ -5,7 +5,7 @@ one restored; a local store's artifacts next to it), the run (created, or found 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -56,6 +56,10 @@ def mlflow_run_url(settings: Settings, experiment_id: str, run_id: str) -> str |
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def _nothing() -> None:
+    return None
+
+
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -66,14 +70,20 @@ class RunStore:
     (`clear()` after an error: whatever MLflow did before it, the caches may be wrong)."""
 
     def __init__(
-        self, settings: Settings, factory: sessionmaker[Session], tracking_uri: str
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        tracking_uri: str,
+        read_factory: sessionmaker[Session] | None = None,
     ) -> None:
         self.settings = settings
-        self.factory = factory
+        self.factory = factory  # writes (the MLflow ids on the run row)
+        self.read_factory = read_factory or factory  # everything else
         self.tracking_uri = tracking_uri
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}  # experiment name -> MLflow id, seen this process
         self._verified: set[str] = set()  # MLflow run ids known to exist
+        self.pause: Callable[[], None] = _nothing  # between two log_batch calls of metrics
 
     def clear(self) -> None:
         self._verified.clear()
@@ -114,7 +124,7 @@ class RunStore:
         return (root / safe_filename(experiment)).as_uri()
 
     def run_info(self, run_id: str) -> RunInfo | None:
-        with self.factory() as session:
+        with self.read_factory() as session:
             run = session.get(Run, run_id)
             if run is None:
                 session.rollback()
@@ -251,7 +261,7 @@ class RunStore:
         trainer logged its loss."""
         from kdlab.backend.services.run_views import metadata
 
-        with self.factory() as session:
+        with self.read_factory() as session:
             logged = metadata(session, run_id)
             session.rollback()
         return fmt.formula_tags(logged)

@@ -46,13 +46,47 @@ def run_updated(store: RunStore, _dedup: MetricDedup, row: OutboxRow) -> dict[st
     return None
 
 
+Intervals = dict[str, list[tuple[int, int]]]  # key -> sorted, disjoint [lo, hi] step ranges
+GROUP_POINTS = 50_000  # points of consecutive metrics rows read and logged together
+
+
+def row_ranges(row: OutboxRow) -> dict[str, tuple[int, int]]:
+    """A metrics row's step range per key (`Rejected` if the payload is unreadable)."""
+    raw_ranges = row.payload.get("ranges")
+    try:
+        assert isinstance(raw_ranges, dict)
+        return {str(k): (int(lo), int(hi)) for k, (lo, hi) in raw_ranges.items()}
+    except (AssertionError, TypeError, ValueError) as err:
+        raise Rejected(f"unreadable metrics payload: {err!r}") from err
+
+
+def merge_ranges(each: list[dict[str, tuple[int, int]]]) -> Intervals:
+    """The union of several rows' ranges, per key as few disjoint intervals as cover it
+    (adjacent and overlapping ranges merged: consecutive batches of a run become one range)."""
+    per_key: dict[str, list[tuple[int, int]]] = {}
+    for ranges in each:
+        for key, bounds in ranges.items():
+            per_key.setdefault(key, []).append(bounds)
+    merged: Intervals = {}
+    for key, all_bounds in per_key.items():
+        out: list[tuple[int, int]] = []
+        for lo, hi in sorted(all_bounds):
+            if out and lo <= out[-1][1] + 1:
+                if hi > out[-1][1]:
+                    out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        merged[key] = out
+    return merged
+
+
 def _read_points(
-    store: RunStore, run_id: str, ranges: dict[str, list[int]]
+    store: RunStore, run_id: str, intervals: Intervals
 ) -> list[tuple[str, int, float, float]]:
-    """The stored points of `run_id` inside each key's step range (one short read)."""
-    items = sorted(ranges.items())
+    """The stored points of `run_id` inside each key's step intervals (one short read)."""
+    items = sorted((key, lo, hi) for key, bounds in intervals.items() for lo, hi in bounds)
     found: list[tuple[str, int, float, float]] = []
-    with store.factory() as session:
+    with store.read_factory() as session:
         for start in range(0, len(items), 100):
             chunk = items[start : start + 100]
             query = (
@@ -62,7 +96,7 @@ def _read_points(
                     or_(
                         *(
                             and_(METRICS.c.key == key, METRICS.c.step.between(lo, hi))
-                            for key, (lo, hi) in chunk
+                            for key, lo, hi in chunk
                         )
                     ),
                 )
@@ -76,30 +110,52 @@ def _read_points(
     return found
 
 
-def metrics(store: RunStore, dedup: MetricDedup, row: OutboxRow) -> dict[str, Any] | None:
-    """A batch's step ranges: the points stored now, less those MLflow already has."""
-    raw_ranges = row.payload.get("ranges")
-    try:
-        assert isinstance(raw_ranges, dict)
-        ranges = {str(k): [int(lo), int(hi)] for k, (lo, hi) in raw_ranges.items()}
-    except (AssertionError, TypeError, ValueError) as err:
-        raise Rejected(f"unreadable metrics payload: {err!r}") from err
-    ensured = store.ensure_run(row.run_id)
+def log_points(
+    store: RunStore, dedup: MetricDedup, run_id: str, intervals: Intervals
+) -> tuple[int, int] | None:
+    """The points of `run_id` stored now inside `intervals`, less those MLflow already has,
+    logged (`log_batch`, METRIC_CHUNK a call); (sent, skipped), or None if the run is gone."""
+    ensured = store.ensure_run(run_id)
     if ensured is None:
-        return {**row.payload, "note": "run deleted"}
+        return None
     target = ensured[0]
     points: Points = {}
-    for key, step, value, wall_time in _read_points(store, row.run_id, ranges):
+    for key, step, value, wall_time in _read_points(store, run_id, intervals):
         points[(fmt.mlflow_key(key), int(step))] = (float(value), int(wall_time * 1000))
     unsent = dedup.unsent(store.client, target.run_id, points)
     for chunk in chunks(unsent, METRIC_CHUNK):
+        store.pause()
         store.client.log_batch(target.run_id, metrics=chunk, synchronous=True)
         dedup.sent(target.run_id, chunk)
-    return {**row.payload, "sent": len(unsent), "skipped": len(points) - len(unsent)}
+    return len(unsent), len(points) - len(unsent)
+
+
+def metrics(store: RunStore, dedup: MetricDedup, row: OutboxRow) -> dict[str, Any] | None:
+    """A batch's step ranges: the points stored now, less those MLflow already has."""
+    ranges = row_ranges(row)
+    counts = log_points(store, dedup, row.run_id, merge_ranges([ranges]))
+    if counts is None:
+        return {**row.payload, "note": "run deleted"}
+    return {**row.payload, "sent": counts[0], "skipped": counts[1]}
+
+
+def metrics_group(
+    store: RunStore, dedup: MetricDedup, rows: list[OutboxRow]
+) -> dict[int, dict[str, Any]]:
+    """Several metrics rows of one run at once: one read of the union of their ranges, its
+    new points logged; each row's summary (the group's counts: a point is sent once for all
+    the rows whose ranges hold it)."""
+    run_id = rows[0].run_id
+    assert all(row.run_id == run_id for row in rows)
+    counts = log_points(store, dedup, run_id, merge_ranges([row_ranges(row) for row in rows]))
+    if counts is None:
+        return {row.id: {**row.payload, "note": "run deleted"} for row in rows}
+    group = {"rows": len(rows), "first": rows[0].id, "sent": counts[0], "skipped": counts[1]}
+    return {row.id: {**row.payload, "group": group} for row in rows}
 
 
 def _current_artifact(store: RunStore, artifact_id: Any) -> tuple[str, str, str] | None:
-    with store.factory() as session:
+    with store.read_factory() as session:
         artifact = session.get(Artifact, artifact_id)
         current = (artifact.kind, artifact.path, artifact.sha256) if artifact else None
         session.rollback()
@@ -184,4 +240,13 @@ def write(store: RunStore, dedup: MetricDedup, row: OutboxRow) -> dict[str, Any]
     return writer(store, dedup, row)
 
 
-__all__ = ["WRITERS", "Writer", "write"]
+__all__ = [
+    "GROUP_POINTS",
+    "WRITERS",
+    "Writer",
+    "log_points",
+    "merge_ranges",
+    "metrics_group",
+    "row_ranges",
+    "write",
+]
