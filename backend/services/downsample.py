@@ -8,12 +8,14 @@ back unchanged (min = max = value).
 
 The bucket edges (the documented rule the tests recompute):
 
-- x = step, lo/hi = the first/last step of the series inside the window:
-  - if some roll-up level `w` (16, 64, 256, 1,024, 4,096 steps; `rollups.LEVELS`) has at least
-    `n` blocks in [lo, hi] — `blocks = hi // w - lo // w + 1` — take the coarsest such `w` and
-    `k = ceil(blocks / n)`: step `s` falls in bucket `(s // w - lo // w) // k` (buckets are `k`
-    whole aligned blocks of `w` steps; the window's edges cut the first and last);
-  - otherwise equal step ranges: bucket `(s - lo) * n // (hi - lo + 1)`.
+- x = step, lo/hi = the first/last step of the series inside the window (at most `n` steps:
+  the points come back as they are):
+  - W = the smallest power of two with at most `n` buckets `s // W - lo // W` in [lo, hi]
+    (`step_width`; so between n/2 and n buckets); when W ≥ 16 (the finest roll-up level,
+    `rollups.LEVELS` = 16, 32, …, 4,096 steps) step `s` falls in bucket `s // W - lo // W`:
+    each bucket is one aligned block of W steps, read as one roll-up row where W ≤ 4,096, and
+    the window's edges cut the first and last;
+  - otherwise (W < 16) equal step ranges of the raw points: bucket `(s - lo) * n // (hi - lo + 1)`.
 - x = time, lo = the larger of `min_time` and the series' earliest time, hi = the smaller of
   `max_time` and its latest: bucket `min(floor((t - lo) * (n / (hi - lo))), n - 1)` in doubles
   (0 when hi = lo), so the last point falls in the last bucket.
