@@ -400,25 +400,12 @@ class _Request:
         )
         straddling: dict[int, list[int]] = {}
         rows = self.execute(statement, self.param_rows(series, "blocks", width))
-        current, per, base, buckets = -1, 1, 0, {}
         for sidx, block, n, total, low, high, step, time, whole in rows:
             if not whole:
                 straddling.setdefault(sidx, []).append(block)
                 continue
-            if sidx != current:
-                one = series[sidx]
-                current, per, base, buckets = sidx, one.width // width, one.base, one.buckets
-            bucket = block // per - base
-            acc = buckets.get(bucket)
-            if acc is None:
-                buckets[bucket] = [n, total, low, high, step, time]
-            else:
-                acc[0] += n
-                acc[1] += total
-                acc[2] = min(acc[2], low)
-                acc[3] = max(acc[3], high)
-                acc[4] = max(acc[4], step)
-                acc[5] = max(acc[5], time)
+            one = series[sidx]
+            one.add(block // (one.width // width) - one.base, n, total, low, high, step, time)
         return straddling
 
     def time_level(self, series: list[_Series], width: int) -> dict[int, list[int]]:
