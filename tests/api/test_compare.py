@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kdlab.backend.services.auth import create_token
+from tests.db.rollup_oracle import assert_series, expected_series
 from tests.factories import create_run
 
 KEY = "train/loss_total"
@@ -114,24 +115,31 @@ def test_step_buckets_match_numpy(client, db_session):
         _assert_series_equal(series, _expected_buckets(bucket, steps, times, values))
 
 
-def test_time_buckets_match_numpy(client, db_session):
+def test_time_buckets_follow_the_rule_and_keep_every_point_once(client, db_session):
     rng = np.random.default_rng(12)
     steps = np.arange(5_000)
-    # uneven logging: a pause in the middle, so time buckets differ from step buckets
+    # uneven logging and a pause in the middle: the blocks across it span an hour, so they
+    # are split down to their points
     gaps = rng.uniform(0.05, 0.2, steps.size)
     gaps[2_500] = 3_600.0
     times = 1.7e9 + np.cumsum(gaps)
     values = rng.standard_normal(steps.size)
+    values[1_234] = 50.0  # a one-step spike
     run_id = _run(db_session)
     _post(client, run_id, KEY, steps, values, times)
 
-    max_points = 64
-    (series,) = _compare(client, [run_id], [KEY], max_points=max_points, x="time")
+    points = [(int(s), float(v), float(t)) for s, v, t in zip(steps, values, times, strict=True)]
     lo, hi = times.min(), times.max()
-    bucket = np.minimum(np.floor((times - lo) * (max_points / (hi - lo))), max_points - 1)
-    assert len(series["step"]) <= max_points
-    assert series["time"] == sorted(series["time"])
-    _assert_series_equal(series, _expected_buckets(bucket, steps, times, values))
+    for max_points in (7, 64, 1_000):
+        (series,) = _compare(client, [run_id], [KEY], max_points=max_points, x="time")
+        assert_series(series, expected_series(points, max_points, x="time"), max_points)
+        assert 0 < len(series["step"]) <= max_points and series["points"] == steps.size
+        assert series["time"] == sorted(series["time"])
+        assert max(series["max"]) == 50.0 and min(series["min"]) == values.min()
+        # each bucket's latest time lies in its own time slice: its position on the chart
+        width = (hi - lo) / max_points
+        slices = np.minimum(np.floor((np.asarray(series["time"]) - lo) / width), max_points - 1)
+        assert len(set(slices.tolist())) == len(slices)
 
 
 def test_a_short_series_comes_back_unchanged(client, db_session):

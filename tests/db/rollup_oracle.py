@@ -124,15 +124,12 @@ def expected_series(
         last = max(t for _, _, t in points)
         tlo = first if min_time is None else max(first, min_time)
         thi = last if max_time is None else min(last, max_time)
-        scale = n / (thi - tlo) if thi > tlo else 0.0
-
-        def bucket(s: int, t: float) -> int:
-            return min(math.floor((t - tlo) * scale), n - 1)
-
         raw = len(points) <= n
-    buckets: dict[int, list[Point]] = {}
-    for s, v, t in inside:
-        buckets.setdefault(bucket(s, t), []).append((s, v, t))
+        buckets = _time_buckets(points, n, tlo, thi, min_time, max_time)
+    if x == "step" or cross:
+        buckets = {}
+        for s, v, t in inside:
+            buckets.setdefault(bucket(s, t), []).append((s, v, t))
     if raw or (len(inside) <= n and len(inside) != len(buckets)):
         ordered = sorted(inside, key=(lambda p: p[0]) if x == "step" else (lambda p: (p[2], p[0])))
         values = [v for _, v, _ in ordered]
@@ -153,6 +150,62 @@ def expected_series(
         out["min"].append(min(values))
         out["max"].append(max(values))
     return out
+
+
+def _time_buckets(
+    points: list[Point],
+    n: int,
+    tlo: float,
+    thi: float,
+    min_time: float | None,
+    max_time: float | None,
+) -> dict[int, list[Point]]:
+    """x = time on the roll-ups, by the documented rule: from the start level down, a block
+    (of the series' points, whatever the window) wholly inside the window whose wall times span
+    at most delta = (thi - tlo) / n goes whole to the bucket of its latest time; a block wholly
+    outside is dropped; any other is split into its RATIO children, and on the finest level its
+    points inside the window go one by one to the bucket of their own time."""
+    scale = n / (thi - tlo) if thi > tlo else 0.0
+    delta = (thi - tlo) / n
+    ta = -math.inf if min_time is None else min_time
+    tb = math.inf if max_time is None else max_time
+
+    def bucket(t: float) -> int:
+        return min(math.floor((t - tlo) * scale), n - 1)
+
+    out: dict[int, list[Point]] = {}
+
+    def visit(level: int, block: list[Point]) -> None:
+        t0, t1 = min(p[2] for p in block), max(p[2] for p in block)
+        if t1 < ta or t0 > tb:
+            return
+        if t0 >= ta and t1 <= tb and t1 - t0 <= delta:
+            out.setdefault(bucket(t1), []).extend(block)
+        elif level == FINEST:
+            for point in block:
+                if ta <= point[2] <= tb:
+                    out.setdefault(bucket(point[2]), []).append(point)
+        else:
+            for child in _blocks(block, level // 2).values():
+                visit(level // 2, child)
+
+    # the start level: the coarsest no wider than the steps a bucket holds, estimated from
+    # the coarsest blocks the series spans and the window's share of its time range
+    first, last = min(p[2] for p in points), max(p[2] for p in points)
+    b0, b1 = min(p[0] for p in points) // LEVELS[-1], max(p[0] for p in points) // LEVELS[-1]
+    fraction = (thi - tlo) / (last - first) if last > first else 0.0
+    per_bucket = (b1 - b0 + 1) * LEVELS[-1] * fraction / n
+    start = max([FINEST, *(w for w in LEVELS if w <= per_bucket)])
+    for block in _blocks(points, start).values():
+        visit(start, block)
+    return out
+
+
+def _blocks(points: list[Point], width: int) -> dict[int, list[Point]]:
+    blocks: dict[int, list[Point]] = {}
+    for point in points:
+        blocks.setdefault(point[0] // width, []).append(point)
+    return blocks
 
 
 def assert_series(got: dict, want: dict, context: Any = None) -> None:
