@@ -26,13 +26,15 @@ def compare(
 ) -> SeriesResponse:
     """One series per run × key (runs outer, keys inner, in the order asked), columnar.
 
-    Each series has at most `max_points` buckets: the [min, max] of x (`step` or `time`, within
-    the zoom range `min_step`/`max_step`/`min_time`/`max_time`) is split into `max_points` equal
-    ranges, computed in SQL (GROUP BY an integer bucket). Per bucket `min` and `max` are exact —
-    a one-step spike always shows — `value` is the mean, and `step`/`time` are the largest step
-    and latest time in the bucket (its last point's, for a run that logs in order). A series
-    with at most `max_points` points comes back unchanged (min = max = value); a run without
-    the key gets empty lists. Unknown run → 404; `max_points` above
+    Each series has at most `max_points` buckets, computed in SQL from the metric roll-ups
+    (the rule: `kdlab.backend.services.downsample`): on x=step aligned step ranges of a power
+    of two (equal ranges below 16 steps), on x=time equal time slices made of whole roll-up
+    blocks, within the zoom range `min_step`/`max_step`/`min_time`/`max_time`. Every point in
+    the range is in exactly one bucket; per bucket `min` and `max` are exact — a one-step spike
+    always shows — `value` is the mean, and `step`/`time` are the largest step and latest time
+    in the bucket (its last point's, for a run that logs in order). A series with at most
+    `max_points` points comes back unchanged (min = max = value); a run without the key gets
+    empty lists. Unknown run → 404; `max_points` above
     KDLAB_MAX_POINTS_PER_QUERY → 422.
     """
     run_ids = split_list(runs)

@@ -17,19 +17,29 @@ The bucket edges (the documented rule the tests recompute):
     the window's edges cut the first and last;
   - otherwise (W < 16) equal step ranges of the raw points: bucket `(s - lo) * n // (hi - lo + 1)`.
 - x = time, lo = the larger of `min_time` and the series' earliest time, hi = the smaller of
-  `max_time` and its latest: bucket `min(floor((t - lo) * (n / (hi - lo))), n - 1)` in doubles
-  (0 when hi = lo), so the last point falls in the last bucket.
+  `max_time` and its latest, Δ = (hi - lo) / n; a time t falls in slice
+  `min(floor((t - lo) * (n / (hi - lo))), n - 1)` in doubles (0 when hi = lo). Buckets are
+  made of whole roll-up blocks where the blocks allow it: from the start level (`start_level`:
+  the coarsest level no wider than the steps a bucket holds, estimated from the series'
+  coarsest blocks and the window's share of its time range) down, a block wholly inside the
+  window whose wall times span at most Δ goes whole to the slice of its latest time; a block
+  wholly outside is dropped; any other is split into its two halves on the next finer level,
+  and on the finest (16 steps) its points inside the window go one by one to the slice of
+  their own time. So every point inside the window is in exactly one bucket, min/max are the
+  exact extremes of the points a bucket holds, and a bucket's time (its latest) lies in its
+  own slice; a bucket may hold points up to Δ before its slice, never more. Where time is not
+  smooth in the step (a pause, a resumed run whose time jumps back), the blocks across the
+  jump span more than Δ and are split down to their points.
 
-How it is answered (`downsample_many`): one statement for the bounds of every series; then, per
-roll-up level from the coarsest down, one statement over all series: a block wholly inside the
-window whose first and last x fall in the same bucket contributes whole (for x = time its
-[min_time, max_time]; a block holds points in step order, so a resumed run whose wall time jumps
-back only makes its blocks straddle more), and only the blocks that straddle a bucket edge or
-the window's edge are looked at again on the next finer level; last, one statement for the raw
-points of the finest straddling blocks (or of the whole window when no level has `n` blocks in
-it, for x = step). Nothing but bucket rows leaves the database. A window that filters on the
-other axis (a step range with x = time, or a time range with x = step) is answered per series
-from the raw points (`downsample`): equal ranges between the extremes of x inside the window.
+How it is answered (`downsample_many`, statements in `rollup_reads`): one statement for the
+bounds of every series; then, per roll-up level from the coarsest down, one statement over all
+series: each block wholly inside the window that the rule takes whole goes to its bucket, and
+only the others (a window's edge, for x = time a block spanning more than Δ) are looked at again
+on the next finer level; last, one statement for the raw points of the finest such blocks (or
+of the whole window when no level has `n` blocks in it, for x = step). Nothing but bucket rows
+leaves the database. A window that filters on the other axis (a step range with x = time, or a
+time range with x = step) is answered per series from the raw points (`downsample`): equal
+ranges between the extremes of x inside the window.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import truediv
 from typing import Any
 
 from sqlalchemy import (
@@ -338,6 +349,6 @@ def downsample_many(
             if not buckets:
                 result.append(_empty(one.run_id, one.key))
                 continue
-            means = [total / count for total, count in zip(totals, counts, strict=True)]
+            means = list(map(truediv, totals, counts))
             result.append(_bucketed(one.run_id, one.key, (counts, means, mins, maxs, steps, times)))
     return result
