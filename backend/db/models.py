@@ -93,6 +93,8 @@ class Metric(Base):
     """One point; (run_id, key, step) is the key, so re-posting a point is idempotent."""
 
     __tablename__ = "metrics"
+    # SQLite: one b-tree in key order, not rows + an index of the key (migration 0004)
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(250), primary_key=True)
@@ -180,6 +182,7 @@ class MetricRollup(Base):
     """
 
     __tablename__ = "metric_rollups"
+    __table_args__ = ({"sqlite_with_rowid": False},)  # as `metrics`
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(250), primary_key=True)

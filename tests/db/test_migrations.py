@@ -93,7 +93,7 @@ def test_0003_backfills_the_rollups_and_its_downgrade_restores_0002s(database_ur
                     for s, (v, t) in by_step.items()
                 ],
             )
-        upgrade(engine)
+        upgrade(engine, "0003")
         assert current_revision(engine) == "0003"
         with Session(engine) as session:
             assert_same_rollups(stored_rollups(session), expected_rollups(points))
@@ -120,5 +120,80 @@ def test_0003_backfills_the_rollups_and_its_downgrade_restores_0002s(database_ur
         upgrade(engine)  # and up again
         with Session(engine) as session:
             assert_same_rollups(stored_rollups(session), expected_rollups(points))
+    finally:
+        engine.dispose()
+
+
+def test_0004_clusters_the_metric_tables_on_sqlite_and_keeps_every_row(database_url):
+    """0003 → 0004 → 0003 → 0004 with points and roll-ups stored: every row comes through each
+    rebuild unchanged; on SQLite the two tables are WITHOUT ROWID at 0004 and rowid tables at
+    0003 (on PostgreSQL 0004 changes nothing)."""
+    import random
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from kdlab.backend.db.migrate import downgrade as downgrade_to
+    from tests.factories import create_run
+
+    rng = random.Random(4)
+    engine = make_engine(database_url)
+
+    def contents() -> dict[str, list]:
+        with engine.connect() as connection:
+            return {
+                "metrics": connection.execute(
+                    text("SELECT * FROM metrics ORDER BY run_id, key, step")
+                ).all(),
+                "metric_rollups": connection.execute(
+                    text("SELECT * FROM metric_rollups ORDER BY run_id, key, level, block")
+                ).all(),
+            }
+
+    def clustered() -> set[str]:
+        if engine.dialect.name != "sqlite":
+            return set()
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT name, sql FROM sqlite_master WHERE name IN ('metrics', 'metric_rollups')"
+            ).all()
+        return {name for name, sql in rows if sql.rstrip().endswith("WITHOUT ROWID")}
+
+    try:
+        upgrade(engine)
+        with Session(engine) as session:
+            run_id = create_run(session, name="m", status="running").id
+            session.commit()
+        downgrade_to(engine, "0003")
+        assert clustered() == set()
+        rows = [(run_id, k, s, rng.gauss(0, 1), 1.7e9 + s) for k in "ab" for s in range(3000)]
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO metrics VALUES (:r, :k, :s, :v, :t)"),
+                [dict(zip("rksvt", row, strict=True)) for row in rows],
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO metric_rollups SELECT run_id, key, 16, step / 16, count(*), "
+                    "sum(value), min(value), max(value), min(step), max(step), min(wall_time), "
+                    "max(wall_time), min(wall_time), max(wall_time) FROM metrics "
+                    "GROUP BY run_id, key, step / 16"
+                )
+            )
+        before = contents()
+        assert len(before["metrics"]) == 6000 and len(before["metric_rollups"]) == 2 * 188
+        upgrade(engine)
+        assert current_revision(engine) == "0004"
+        sqlite = engine.dialect.name == "sqlite"
+        assert clustered() == ({"metrics", "metric_rollups"} if sqlite else set())
+        assert contents() == before
+        downgrade_to(engine, "0003")
+        assert clustered() == set() and contents() == before
+        upgrade(engine)
+        assert contents() == before
+        # the foreign key still cascades from the rebuilt tables
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM runs WHERE id = :r"), {"r": run_id})
+        assert contents() == {"metrics": [], "metric_rollups": []}
     finally:
         engine.dispose()
