@@ -16,6 +16,7 @@ blocks that straddle a bucket edge or the zoom window.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -61,20 +62,21 @@ _UPDATE = ", ".join(f"{name} = excluded.{name}" for name in AGGREGATES)
 Agg = tuple[int, float, float, float, int, int, float, float, float, float]  # AGGREGATES
 
 
-def _of_points(points: Sequence[tuple[int, float, float]]) -> Agg:
-    """The aggregate of one block's (step, value, wall_time) points, sorted by step."""
-    values = [point[1] for point in points]
-    times = [point[2] for point in points]
-    first, last = points[0], points[-1]
+Point = tuple[str, int, float, float]  # key, step, value, wall_time (the ingest's rows)
+
+
+def _of_points(points: Sequence[Point]) -> Agg:
+    """The aggregate of one block's points, sorted by step."""
+    _keys, steps, values, times = zip(*points, strict=True)
     return (
-        len(points),
+        len(steps),
         sum(values),
         min(values),
         max(values),
-        first[0],
-        last[0],
-        first[2],
-        last[2],
+        steps[0],
+        steps[-1],
+        times[0],
+        times[-1],
         min(times),
         max(times),
     )
@@ -110,7 +112,7 @@ def points_read_sql(q: str, spans: int) -> str:
     """The points of one series inside `spans` step ranges: parameters (run_id, key, low, high)
     per range, `q` the driver's placeholder."""
     one = (
-        f"SELECT step, value, wall_time FROM metrics WHERE run_id = {q} AND key = {q} "
+        f"SELECT key, step, value, wall_time FROM metrics WHERE run_id = {q} AND key = {q} "
         f"AND step >= {q} AND step <= {q}"
     )
     return " UNION ALL ".join([one] * spans)
@@ -128,7 +130,7 @@ def blocks_read_sql(q: str, counts: Sequence[int]) -> str:
 
 def _stored_points(
     connection: Connection, run_id: str, key: str, blocks: list[int]
-) -> dict[int, list[tuple[int, float, float]]]:
+) -> dict[int, list[Point]]:
     """The stored points of the FINEST blocks `blocks` (sorted), per block: one index range
     (run, key, step) per run of nearby blocks, up to SPANS_PER_READ ranges a statement."""
     spans: list[tuple[int, int]] = []
@@ -139,19 +141,19 @@ def _stored_points(
             spans.append((block, block))
     q = _placeholder(connection)
     wanted = set(blocks)
-    found: dict[int, list[tuple[int, float, float]]] = {}
+    found: dict[int, list[Point]] = {}
     for start in range(0, len(spans), SPANS_PER_READ):
         chunk = spans[start : start + SPANS_PER_READ]
         params: list[Any] = []
         for low, high in chunk:
             params += [run_id, key, low * FINEST, min((high + 1) * FINEST - 1, MAX_STEP)]
         sql = points_read_sql(q, len(chunk))
-        for step, value, wall_time in connection.exec_driver_sql(sql, tuple(params)):
-            block = step // FINEST
+        for row in connection.exec_driver_sql(sql, tuple(params)):
+            block = row[1] // FINEST
             if block in wanted:
-                found.setdefault(block, []).append((step, value, wall_time))
+                found.setdefault(block, []).append(tuple(row))
     for points in found.values():
-        points.sort()
+        points.sort(key=lambda point: point[1])
     return found
 
 
@@ -183,33 +185,38 @@ def _upsert_sql(connection: Connection) -> str:
 
 
 def _key_blocks(
-    connection: Connection, run_id: str, key: str, points: Sequence[tuple[int, float, float]]
+    connection: Connection, run_id: str, key: str, points: Sequence[Point]
 ) -> list[tuple[Any, ...]]:
     """Every block of every level that one key's points (sorted by step, one per step, already
     stored) touched, recomputed: a FINEST block from the batch alone when the batch holds all of
     its steps, else from its stored points; a coarser block from its two child blocks (the one
     just recomputed, the other as stored)."""
-    by_block: dict[int, list[tuple[int, float, float]]] = {}
-    for point in points:
-        by_block.setdefault(point[0] // FINEST, []).append(point)
+    steps = [point[1] for point in points]
+    by_block: dict[int, Sequence[Point]] = {}
+    start = 0
+    while start < len(steps):  # each block's points: one slice, found by bisection
+        block = steps[start] // FINEST
+        end = bisect_left(steps, (block + 1) * FINEST, start)
+        by_block[block] = points[start:end]
+        start = end
     partial = [block for block, inside in by_block.items() if len(inside) < FINEST]
     current: dict[int, Agg] = {
         block: _of_points(inside) for block, inside in by_block.items() if len(inside) == FINEST
     }
     if partial:
-        for block, stored in _stored_points(connection, run_id, key, sorted(partial)).items():
-            current[block] = _of_points(stored)
+        for block, inside in _stored_points(connection, run_id, key, sorted(partial)).items():
+            current[block] = _of_points(inside)
     # which blocks each level recomputes, and which of their children this batch left as stored
     touched: list[set[int]] = [set(current)]
     wanted: dict[int, list[int]] = {}
     for width in LEVELS[1:]:
-        finer = touched[-1]
-        parents = {block // RATIO for block in finer}
+        done = touched[-1]
+        parents = {block // RATIO for block in done}
         siblings = sorted(
             child
             for parent in parents
             for child in (parent * RATIO, parent * RATIO + 1)
-            if child not in finer
+            if child not in done
         )
         wanted[width // RATIO] = siblings
         touched.append(parents)
@@ -239,12 +246,15 @@ def refresh(session: Session, run_id: str, rows: list[tuple[str, int, float, flo
     batch holds only part of) and one read of the untouched sibling blocks; each level from the
     finer level's blocks, so each is exact under a replaced point."""
     connection = session.connection()
-    by_key: dict[str, list[tuple[int, float, float]]] = {}
-    for key, step, value, wall_time in rows:
-        by_key.setdefault(key, []).append((step, value, wall_time))
     out: list[tuple[Any, ...]] = []
-    for key, points in by_key.items():
-        out += _key_blocks(connection, run_id, key, points)
+    start = 0
+    while start < len(rows):  # rows are sorted by key: one slice per key
+        key = rows[start][0]
+        end = start + 1 if rows[-1][0] != key else len(rows)
+        while end < len(rows) and rows[end][0] == key:
+            end += 1
+        out += _key_blocks(connection, run_id, key, rows[start:end])
+        start = end
     if out:
         out.sort(key=lambda row: (row[1], row[2], row[3]))  # one lock order (PostgreSQL)
         connection.exec_driver_sql(_upsert_sql(connection), out)
