@@ -106,7 +106,13 @@ def metric_ranges(points: Iterable[Any]) -> dict[str, list[int]]:
     return ranges
 
 
-def enqueue_metrics(session: Session, run_id: str, points: Sequence[Any]) -> None:
+def enqueue_metrics(
+    session: Session,
+    run_id: str,
+    points: Sequence[Any],
+    *,
+    ranges: Mapping[str, list[int]] | None = None,
+) -> None:
     """Queue one ingested batch for MLflow, in the caller's transaction (call it next to the
     upsert, before the commit). `points`: `MetricPointIn`s, `(key, step, ...)` tuples (the
     ingest's rows) or dicts with `key` and `step`. An empty batch queues nothing, and so does
@@ -120,7 +126,8 @@ def enqueue_metrics(session: Session, run_id: str, points: Sequence[Any]) -> Non
     pass over the keys and steps and a small row, whatever the batch size."""
     if not hooks_installed(session):
         return
-    ranges = metric_ranges(points)
+    if ranges is None:  # the caller may know them already (`metric_ranges(points)`)
+        ranges = metric_ranges(points)
     if ranges:
         enqueue(session, run_id, METRICS, {"ranges": ranges, "points": len(points)})
 

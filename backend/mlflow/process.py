@@ -123,9 +123,12 @@ def start_mirror(
 
 
 def _watch_parent(stdin: IO[bytes], mirror: MlflowMirror) -> None:
-    """Stop when the server's end of the pipe closes (the server exited, or was killed)."""
+    """Stop when the server's end of the pipe closes (the server exited, or was killed). Reads
+    the file descriptor itself: a daemon thread blocked in the buffered reader would hold its
+    lock when the interpreter shuts down (a fatal error at every stop)."""
     with contextlib.suppress(OSError, ValueError):
-        while stdin.read(4096):
+        fd = stdin.fileno()
+        while os.read(fd, 4096):
             pass
     mirror.request_stop()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, cast
 
@@ -80,14 +80,45 @@ def _check_finite(points: Sequence[MetricPointIn]) -> None:
 Row = tuple[str, int, float, float]  # key, step, value, wall_time
 
 
-def _rows(points: Iterable[MetricPointIn], now: float) -> list[Row]:
+def _rows(points: Sequence[MetricPointIn], now: float) -> list[Row]:
     """One row per (key, step), the last occurrence winning, sorted by key and step (so that
-    concurrent batches lock rows in the same order on PostgreSQL)."""
+    concurrent batches lock rows in the same order on PostgreSQL). 422 (`_check_finite`) if any
+    value or time is not finite. One pass; a batch already in (key, step) order, as a worker
+    sends it, is not sorted again."""
     latest: dict[tuple[str, int], Row] = {}
+    isfinite = math.isfinite
+    finite = ordered = True
+    previous: tuple[str, int] | None = None
     for point in points:
-        wall_time = now if point.time is None else point.time
-        latest[(point.key, point.step)] = (point.key, point.step, point.value, wall_time)
+        key, step, value, wall_time = point.key, point.step, point.value, point.time
+        if wall_time is None:
+            wall_time = now
+        elif not isfinite(wall_time):
+            finite = False
+        if not isfinite(value):
+            finite = False
+        key_step = (key, step)
+        if ordered and previous is not None and key_step <= previous:
+            ordered = False
+        previous = key_step
+        latest[key_step] = (key, step, value, wall_time)
+    if not finite:
+        _check_finite(points)
+    if ordered:  # strictly increasing: no repeats, and the dict keeps that order
+        return list(latest.values())
     return [latest[key_step] for key_step in sorted(latest)]
+
+
+def _ranges(rows: list[Row]) -> dict[str, list[int]]:
+    """Per key, the [lowest, highest] step of sorted `rows`."""
+    ranges: dict[str, list[int]] = {}
+    for key, step, _value, _time in rows:
+        bounds = ranges.get(key)
+        if bounds is None:
+            ranges[key] = [step, step]
+        else:
+            bounds[1] = step
+    return ranges
 
 
 @lru_cache(maxsize=1)
@@ -169,12 +200,11 @@ def ingest(
         raise NotFound(f"run {run_id} not found")
     if status in FINISHED:
         raise Conflict(f"run {run_id} is {status}; a finished run takes no new metric points")
-    _check_finite(points)
     rows = _rows(points, time.time())
     if rows:
         _upsert(session, run_id, rows)
         rollups.refresh(session, run_id, rows)
-        enqueue_metrics(session, run_id, rows)
+        enqueue_metrics(session, run_id, rows, ranges=_ranges(rows))
     session.commit()
     return len(points)
 

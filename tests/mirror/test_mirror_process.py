@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +183,30 @@ def test_the_mirror_process_ends_when_the_server_dies(mirrored: Settings) -> Non
     assert process.wait(timeout=30) == 0
     assert not mirror.running
     mirror.stop()  # nothing left to stop
+
+
+def test_the_mirror_process_stops_cleanly_on_sigterm(mirrored: Settings) -> None:
+    """The server's stop (SIGTERM) ends the child with status 0: its thread watching stdin must
+    not hold the buffered reader's lock at shutdown ("Fatal Python error: could not acquire lock
+    for <_io.BufferedReader name='<stdin>'>", an abort, at every stop)."""
+    mirror = MirrorProcess(mirrored).start()
+    process = mirror._process
+    assert process is not None
+    status = Path(f"/proc/{process.pid}/status")
+    if not status.exists():
+        mirror.stop()
+        pytest.skip("needs /proc to see when the child handles SIGTERM")
+
+    def handles_sigterm() -> bool:  # installed once MLflow is open and the loop starts
+        for line in status.read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+        return False
+
+    deadline = time.monotonic() + 60
+    while not handles_sigterm():
+        assert mirror.running and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(0.5)  # the watching thread blocked in its read
+    mirror.stop(timeout=30)
+    assert process.returncode == 0
