@@ -2,11 +2,13 @@
 
     python benchmarks/ingest_compare.py [--runs 10] [--points 100000] [--batch 1000]
         [--max-points 1000] [--repeats 7] [--postgres-url postgresql+psycopg://...]
-        [--no-mlflow] [--mlflow-log-points 30000] [--mlflow-history-runs 3] [--mirror]
+        [--postgres] [--no-mlflow] [--mlflow-log-points 30000] [--mlflow-history-runs 3]
+        [--mirror]
 
 (a) ingest: one client posts `runs × points` points in batches of `batch` to
     `POST /api/runs/{id}/metrics` of a real `uvicorn kdlab.backend.main:create_app` on loopback
-    (SQLite; PostgreSQL too with `--postgres-url`, an empty database the script migrates);
+    (SQLite; PostgreSQL too with `--postgres-url`, an empty database the script migrates, or
+    `--postgres`, a throwaway server the script starts and stops);
     building and JSON-encoding each batch is inside the timing, as in a worker.
 (b) compare: `GET /api/compare` for all runs × one key, downsampled to `max-points` per
     series; median wall time over `repeats` calls after one warm-up.
@@ -507,7 +509,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1_000)
     parser.add_argument("--max-points", type=int, default=1_000)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--postgres-url", help="an empty PostgreSQL database to measure too")
+    postgres = parser.add_mutually_exclusive_group()
+    postgres.add_argument("--postgres-url", help="an empty PostgreSQL database to measure too")
+    postgres.add_argument(
+        "--postgres",
+        action="store_true",
+        help="measure PostgreSQL too, on a throwaway server this script starts and stops "
+        "(compare_queries.throwaway_postgres)",
+    )
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument(
         "--mirror",
@@ -520,7 +529,18 @@ def main() -> None:
     parser.add_argument("--mlflow-history-runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory, removed")
     args = parser.parse_args()
+    if args.postgres:
+        from benchmarks.compare_queries import throwaway_postgres  # it imports this module
 
+        with throwaway_postgres("kdlab_ingest_bench") as (url, version):
+            emit(measurement="postgres", version=version, owned_by_script=True)
+            args.postgres_url = url
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdlab-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     emit(
