@@ -4,22 +4,21 @@ one restored; a local store's artifacts next to it), the run (created, or found 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from kdlab.backend.db.models import Run, RunEvent
+from kdlab.backend.db.models import Run
 from kdlab.backend.mlflow import format as fmt
 from kdlab.backend.mlflow.hooks import SKIP_OPTION
+from kdlab.backend.services.run_metadata import metadata
 from kdlab.backend.settings import Settings
-from kdlab.worker.names import METADATA_LOG_PREFIX
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -259,29 +258,10 @@ class RunStore:
 
     def formula_tags(self, run_id: str) -> dict[str, str]:
         """`kd.pair.<i>.formula` from the metadata the worker logged for the run so far (the
-        `metadata {...}` log lines merged in order, the last attempt's winning, as
-        `kdlab.backend.services.run_views.metadata` reads them); empty until the trainer logged
-        its loss. Read here, not through `run_views`, whose imports (the model catalog, torch)
-        would cost the mirror process seconds at its first run."""
+        last attempt's winning); empty until the trainer logged its loss."""
         with self.read_factory() as session:
-            lines = session.scalars(
-                select(RunEvent.message)
-                .where(
-                    RunEvent.run_id == run_id,
-                    RunEvent.kind == "log",
-                    RunEvent.message.startswith(METADATA_LOG_PREFIX),
-                )
-                .order_by(RunEvent.id)
-            ).all()
+            logged = metadata(session, run_id)
             session.rollback()
-        logged: dict[str, Any] = {}
-        for line in lines:
-            try:
-                value = json.loads(line[len(METADATA_LOG_PREFIX) :])
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                logged.update(value)
         return fmt.formula_tags(logged)
 
     def apply_state(self, mlflow_run_id: str, run_id: str, state: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from kdlab.backend.services import runs as service
 from kdlab.backend.services.auth import ADMIN
 from kdlab.backend.services.live import SUCCEEDED, Subscription, watcher_of
 from kdlab.backend.services.run_events import sse_message
+from kdlab.backend.services.run_metadata import metadata
 from kdlab.worker.kd.distillation_model import pair_key
 
 router = APIRouter(dependencies=[Depends(verify_csrf)], include_in_schema=False)
@@ -116,7 +117,7 @@ def _head_context(session: Session, run_id: str) -> dict[str, Any]:
     return {
         "run": run,
         "row": run_views.summarize(session, [run])[0],
-        "meta": run_views.metadata(session, run_id),
+        "meta": metadata(session, run_id),
         "teacher": (
             service.run_out(service.get_run(session, run.teacher_run_id))
             if run.teacher_run_id

@@ -11,7 +11,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -71,28 +70,6 @@ def best_values(session: Session, run_ids: Sequence[str], key: str) -> dict[str,
         .group_by(Metric.run_id)
     ).all()
     return {run_id: float(value) for run_id, value in rows}
-
-
-def metadata(session: Session, run_id: str) -> dict[str, Any]:
-    """The worker's metadata lines of the run merged in order (the last attempt's win)."""
-    rows = session.scalars(
-        select(RunEvent.message)
-        .where(
-            RunEvent.run_id == run_id,
-            RunEvent.kind == "log",
-            RunEvent.message.startswith(METADATA_PREFIX),
-        )
-        .order_by(RunEvent.id)
-    ).all()
-    merged: dict[str, Any] = {}
-    for line in rows:
-        try:
-            value = json.loads(line[len(METADATA_PREFIX) :])
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            merged.update(value)
-    return merged
 
 
 def _total_steps(session: Session, run_ids: Sequence[str]) -> dict[str, int]:
